@@ -1,0 +1,262 @@
+"""The Python API. The CLI is a thin layer over these functions, and the tests call them too.
+
+``prune`` validates everything a user can get wrong *before* loading anything (method, sparsity,
+pattern, output directory), loads the model, runs the method, measures what it did, and writes an
+atomic checkpoint with a manifest.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .checkpoint import Manifest, check_output_dir, load_with_tokenizer, save_checkpoint
+from .errors import InputError
+from .evaluation.sparsity import count_parameters, measure_sparsity
+from .methods import MethodResult, PruneJob, get_method
+from .pruning import PRUNERS, Pattern
+
+Progress = Callable[[str, int, int, str], None]
+
+
+@dataclass
+class PruneOutcome:
+    model: Any
+    tokenizer: Any
+    manifest: Manifest
+    out: Path | None = None
+    result: MethodResult | None = None
+
+    def summary(self) -> dict:
+        m = self.manifest
+        return {
+            "out": str(self.out) if self.out else None,
+            "method": m.method,
+            "hyperparameters": m.hyperparameters,
+            "sparsity": {k: v for k, v in m.sparsity.items() if k != "per_module"},
+            "block_ratios": m.block_ratios,
+            "parameters": m.parameters,
+            "timings": m.timings,
+            "calibration": m.calibration,
+        }
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if device not in {"cpu"} and not device.startswith("cuda"):
+        raise InputError(f"unknown device '{device}'; use cpu, cuda, cuda:N or auto")
+    return torch.device(device)
+
+
+def _validate_common(sparsity: float | None, pattern: str, pruner: str | None, method_entry) -> Pattern:
+    pat = Pattern.parse(pattern)
+    if pruner is not None and pruner not in PRUNERS:
+        raise InputError(f"unknown pruner '{pruner}'; choose one of: {', '.join(sorted(PRUNERS))}")
+    if method_entry.kind == "sparsity":
+        if pat.kind == "unstructured":
+            if sparsity is None:
+                raise InputError("pass --sparsity (a fraction in [0, 1), e.g. 0.5) or an N:M --pattern")
+        if sparsity is not None and not (0.0 <= sparsity < 1.0):
+            raise InputError(f"--sparsity must be in [0, 1), got {sparsity}")
+    return pat
+
+
+def prune(
+    model: str | Any,
+    method: str,
+    *,
+    sparsity: float | None = None,
+    pattern: str = "unstructured",
+    pruner: str | None = None,
+    calib: str = "c4",
+    calib_format: str = "window",
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+    num_incontext: int | None = None,
+    out: str | Path | None = None,
+    force: bool = False,
+    device: str = "auto",
+    dtype: str = "auto",
+    batch_size: int = 8,
+    offload_activations: bool = False,
+    include: str | None = None,
+    exclude: str | None = None,
+    revision: str | None = None,
+    method_options: dict | None = None,
+    pruner_options: dict | None = None,
+    tokenizer: Any = None,
+    progress: Progress | None = None,
+) -> PruneOutcome:
+    """Compress ``model`` (hub id, local dir, built-in name, or an already loaded model) with ``method``."""
+    t_start = time.perf_counter()
+    entry = get_method(method)
+    pat = _validate_common(sparsity, pattern, pruner, entry)
+    config = _method_config(entry, method_options or {})
+    pruner_name = pruner or entry.default_pruner or "wanda"
+    if entry.default_pruner and pruner and pruner != entry.default_pruner:
+        raise InputError(f"--method {method} implies --pruner {entry.default_pruner}; use --method uniform --pruner {pruner}")
+    if pat.kind == "nm" and sparsity is not None and entry.kind == "sparsity" and method in {"magnitude", "wanda", "sparsegpt", "uniform"} and abs(sparsity - pat.sparsity) > 1e-9:
+        raise InputError(f"--pattern {pat} means sparsity {pat.sparsity:g}; drop --sparsity {sparsity:g}")
+    for option in (include, exclude):
+        _check_regex(option)
+    model_name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "in-memory")
+    if out is not None:
+        check_output_dir(out, force, input_path=model if isinstance(model, str) else None)
+    dev = resolve_device(device)
+
+    from .calibration import CalibrationSpec
+    from .models import get_adapter, load_model
+
+    t0 = time.perf_counter()
+    if isinstance(model, str):
+        model_obj, tok = load_model(model, dtype=dtype, device="cpu", revision=revision)
+    else:
+        model_obj, tok = model, tokenizer
+    load_s = time.perf_counter() - t0
+    adapter = get_adapter(model_obj)
+
+    spec_kwargs = dict(source=calib, format=calib_format, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    if num_incontext is not None:
+        spec_kwargs["num_incontext"] = num_incontext
+    calibration = CalibrationSpec(**spec_kwargs)
+    job = PruneJob(
+        model=model_obj,
+        tokenizer=tok,
+        adapter=adapter,
+        device=dev,
+        sparsity=sparsity if pat.kind == "unstructured" else pat.sparsity,
+        pattern=pat,
+        pruner=pruner_name,
+        calibration=calibration,
+        batch_size=batch_size,
+        offload_activations=offload_activations,
+        include=include,
+        exclude=exclude,
+        pruner_options=dict(pruner_options or {}),
+        progress=progress,
+    )
+    from .methods.sparsify import validate_pattern
+
+    validate_pattern(job, [pat] * adapter.num_blocks)
+    params_before = count_parameters(model_obj)
+    t0 = time.perf_counter()
+    result = entry.run(job, config)
+    method_s = time.perf_counter() - t0
+
+    measured = measure_sparsity(adapter)
+    uses_calib = entry.needs_calibration(job, config)
+    calib_record = None
+    if uses_calib and job._calibration_data is not None:
+        calib_record = dict(calibration.to_dict(), hash=job._calibration_data.hash)
+    hyper = {
+        "sparsity": job.sparsity,
+        "pattern": str(pat),
+        "pruner": pruner_name if entry.kind == "sparsity" else None,
+        "include": include,
+        "exclude": exclude,
+        "device": str(dev),
+        "batch_size": batch_size,
+        **job.pruner_options,
+        **result.config,
+    }
+    manifest = Manifest(
+        base_model=str(model_name),
+        revision=revision,
+        method=method,
+        hyperparameters=hyper,
+        calibration=calib_record,
+        block_ratios=result.block_ratios,
+        method_details=result.details,
+        sparsity=measured,
+        parameters={
+            "total_before": params_before,
+            "total_after": count_parameters(model_obj),
+            "decoder_linear": measured["decoder_linear_params"],
+            "decoder_linear_nonzero": measured["decoder_linear_params"] - measured["decoder_linear_zeros"],
+        },
+        structure=result.structure,
+        loadable_with_transformers=not result.structure,
+        dtype=str(next(model_obj.parameters()).dtype).removeprefix("torch."),
+        timings={"load_s": load_s, "method_s": method_s, **result.timings},
+    )
+    out_path = None
+    if out is not None:
+        t0 = time.perf_counter()
+        manifest.timings["total_s"] = time.perf_counter() - t_start
+        out_path = save_checkpoint(model_obj, tok, out, manifest, force=force)
+        manifest.timings["save_s"] = time.perf_counter() - t0
+        manifest.write(out_path)
+    manifest.timings["total_s"] = time.perf_counter() - t_start
+    return PruneOutcome(model=model_obj, tokenizer=tok, manifest=manifest, out=out_path, result=result)
+
+
+def _check_regex(pattern: str | None) -> None:
+    import re
+
+    if pattern is None:
+        return
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise InputError(f"invalid module-name regex {pattern!r}: {exc}") from None
+
+
+def _method_config(entry, options: dict):
+    from pydantic import ValidationError
+
+    try:
+        return entry.config_cls(**{k: v for k, v in options.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field_name = ".".join(map(str, first["loc"]))
+        raise InputError(f"--method {entry.name}: option {field_name}: {first['msg']}") from None
+
+
+def load(path: str | Path, device: str = "cpu", dtype=None):
+    """Load a compresskit checkpoint (any kind) as a transformers model."""
+    from .checkpoint import load as _load
+
+    return _load(path, device=str(resolve_device(device)), dtype=dtype)
+
+
+def inspect(path: str | Path) -> Manifest:
+    return Manifest.read(Path(path))
+
+
+def evaluate_perplexity(
+    path_or_model,
+    dataset: str = "wikitext2",
+    seqlen: int = 2048,
+    device: str = "auto",
+    batch_size: int = 1,
+    max_windows: int | None = None,
+    tokenizer=None,
+    progress=None,
+) -> dict:
+    """The papers' windowed perplexity of a checkpoint directory, model name, or in-memory model."""
+    from .evaluation.perplexity import perplexity
+
+    dev = resolve_device(device)
+    if isinstance(path_or_model, (str, Path)):
+        path = Path(path_or_model)
+        if path.is_dir() and (path / "compresskit.json").exists():
+            model, tok = load_with_tokenizer(path, device=str(dev))
+        else:
+            from .models import load_model
+
+            model, tok = load_model(str(path_or_model), device=str(dev))
+    else:
+        model, tok = path_or_model, tokenizer
+        model.to(dev)
+    return perplexity(model, tok, dataset, seqlen=seqlen, batch_size=batch_size, device=dev,
+                      max_windows=max_windows, progress=progress)

@@ -1,0 +1,167 @@
+"""Save and load compressed checkpoints.
+
+Saving is atomic: everything is written into a hidden temporary sibling of the output directory
+and renamed into place only when complete, so an interrupted save never leaves a half-written
+checkpoint where the output should be. An existing output is replaced only with ``force``, and
+never when it is (or contains) the input model.
+
+Loading first lets transformers build the model from ``config.json`` and the safetensors shards
+(weights, buffers, tied embeddings), then re-installs every module replacement the manifest lists
+and loads the state dict again, strictly, so every tensor is checked to be present and used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from .manifest import MANIFEST_NAME, Manifest
+
+# kind -> function(model, entry) that replaces modules so the saved tensors fit again.
+_STRUCTURE_KINDS: dict[str, Callable[[nn.Module, dict], None]] = {}
+
+
+def register_structure_kind(kind: str):
+    def deco(fn):
+        _STRUCTURE_KINDS[kind] = fn
+        return fn
+
+    return deco
+
+
+def check_output_dir(out_dir: str | Path, force: bool, input_path: str | Path | None = None) -> Path:
+    """Fail early (before any work) if writing ``out_dir`` would lose something."""
+    out = Path(out_dir).expanduser().resolve()
+    if input_path is not None and Path(str(input_path)).expanduser().exists():
+        src = Path(str(input_path)).expanduser().resolve()
+        if out == src or src in out.parents or out in src.parents:
+            raise CheckpointError(f"refusing to write {out}: it is or contains the input model {src}")
+    if out.exists() and not force:
+        raise CheckpointError(f"output {out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"output {out} exists and is not a directory")
+    return out
+
+
+@contextmanager
+def atomic_directory(out_dir: str | Path, force: bool = False):
+    """Yield a temporary directory that becomes ``out_dir`` only if the block completes."""
+    out = Path(out_dir).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            if not force:
+                raise CheckpointError(f"output {out} already exists; pass --force to replace it")
+            trash = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_checkpoint(model, tokenizer, out_dir: str | Path, manifest: Manifest, force: bool = False,
+                    max_shard_size: str = "2GB") -> Path:
+    """Write safetensors shards, config, tokenizer and the manifest, atomically."""
+    out = Path(out_dir).expanduser().resolve()
+    with atomic_directory(out, force=force) as tmp:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        manifest.write(tmp)
+    return out
+
+
+@contextmanager
+def _quiet_transformers():
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} holds no .safetensors files")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def load(path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None):
+    """Load any compresskit checkpoint (dense, low-rank, removed or condensed modules) exactly."""
+    model, _ = load_with_tokenizer(path, device=device, dtype=dtype, with_tokenizer=False)
+    return model
+
+
+def load_with_tokenizer(path: str | Path, device: str = "cpu", dtype=None, with_tokenizer: bool = True):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a directory")
+    manifest = Manifest.read(path) if (path / MANIFEST_NAME).exists() else None
+    kwargs = {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    elif manifest is not None and manifest.dtype:
+        kwargs["dtype"] = getattr(torch, manifest.dtype)
+    with _quiet_transformers():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
+    if manifest is not None and manifest.structure:
+        for entry in manifest.structure:
+            kind = entry.get("kind")
+            if kind not in _STRUCTURE_KINDS:
+                _import_structure_kinds()
+            if kind not in _STRUCTURE_KINDS:
+                raise CheckpointError(f"{path}: unknown structure kind '{kind}' (written by a newer compresskit?)")
+            _STRUCTURE_KINDS[kind](model, entry)
+        state = _read_state_dict(path)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = set(getattr(model, "_tied_weights_keys", None) or [])
+        missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{path}: weights do not match the manifest's structure (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+    model.config.use_cache = False
+    model.eval().to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path) if with_tokenizer else None
+    return model, tokenizer
+
+
+def _import_structure_kinds() -> None:
+    """Modules that define structure kinds register them on import."""
+    import importlib
+
+    for module in ("compresskit.lowrank.structure", "compresskit.methods.structures"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError:
+            pass

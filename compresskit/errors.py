@@ -1,0 +1,48 @@
+"""Errors a user can cause.
+
+Every error that bad input can trigger is a ``CompressKitError`` subclass with a one-line,
+actionable message. The CLI prints ``error: <message>`` and exits with ``exit_code`` (2 for bad
+input, 1 for a failed quality check). Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class CompressKitError(Exception):
+    """Base class: a user-facing error with a one-line message."""
+
+    exit_code = 2
+
+
+class InputError(CompressKitError):
+    """A bad argument, option or value (sparsity outside [0, 1), unknown method, ...)."""
+
+
+class ModelLoadError(CompressKitError):
+    """The model path / hub id cannot be loaded."""
+
+
+class UnsupportedArchitectureError(CompressKitError):
+    """The model family has no adapter."""
+
+
+class CalibrationError(CompressKitError):
+    """Calibration data cannot be produced (missing file, documents too short, source offline)."""
+
+
+class CheckpointError(CompressKitError):
+    """A checkpoint cannot be written or read (output exists without --force, corrupt manifest)."""
+
+
+class EvaluationError(CompressKitError):
+    """An evaluation cannot run (dataset unreachable offline, bad task file)."""
+
+
+class RecipeError(CompressKitError):
+    """A recipe file is invalid; the message names the field and line."""
+
+
+class CheckFailed(CompressKitError):
+    """A quality / size / speed threshold of a recipe was violated."""
+
+    exit_code = 1

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (papers' protocol), sparsity, lm-eval, efficiency, results and comparisons."""

@@ -1,0 +1,123 @@
+"""The method registry and what every method receives and returns.
+
+A method is one small module that declares a pydantic config (its hyperparameters, defaults =
+the paper's, each with a help line and its CLI flag) and a ``run(job, config)`` function. The
+CLI options and recipe fields are generated from the config, so nothing is written twice.
+Adding a method never edits the engine or another method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict
+
+from ..errors import InputError
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's hyperparameters. ``json_schema_extra={"flag": "--owl-m"}`` names the CLI flag."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoOptions(MethodConfig):
+    pass
+
+
+@dataclass
+class PruneJob:
+    """Everything shared by all methods: the model, its adapter, the common options."""
+
+    model: Any
+    tokenizer: Any
+    adapter: Any
+    device: Any
+    sparsity: float | None
+    pattern: Any  # compresskit.pruning.Pattern
+    pruner: str
+    calibration: Any = None  # CalibrationSpec or None
+    batch_size: int = 8
+    offload_activations: bool = False
+    include: str | None = None
+    exclude: str | None = None
+    pruner_options: dict = field(default_factory=dict)
+    progress: Callable[[str, int, int, str], None] | None = None  # (phase, done, total, label)
+    _calibration_data: Any = None
+
+    def calibration_data(self):
+        """Load (once) and return the calibration samples."""
+        if self._calibration_data is None:
+            from ..calibration import load_calibration
+
+            if self.calibration is None:
+                raise InputError("this method needs calibration data; pass --calib")
+            self._calibration_data = load_calibration(self.calibration, self.tokenizer)
+        return self._calibration_data
+
+
+@dataclass
+class MethodResult:
+    """What a method reports back: its decisions per block and any module replacements."""
+
+    method: str
+    config: dict
+    block_ratios: list[float] | None = None
+    details: dict = field(default_factory=dict)  # e.g. OWL's outlier ratios D per block
+    structure: list[dict] = field(default_factory=list)  # module replacements, rebuilt on load
+    timings: dict = field(default_factory=dict)
+    uses_calibration: bool = False
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    name: str
+    config_cls: type[MethodConfig]
+    run: Callable[[PruneJob, MethodConfig], MethodResult]
+    description: str
+    needs_calibration: Callable[[PruneJob, MethodConfig], bool]
+    default_pruner: str | None = None  # the pruner a method name implies ("wanda" -> wanda)
+    kind: str = "sparsity"  # "sparsity" (takes --sparsity / --pattern) or "structural"
+
+
+METHODS: dict[str, MethodEntry] = {}
+
+
+def register(name: str, config_cls: type[MethodConfig], description: str, needs_calibration=None, default_pruner=None,
+             kind: str = "sparsity"):
+    def deco(fn):
+        METHODS[name] = MethodEntry(
+            name=name,
+            config_cls=config_cls,
+            run=fn,
+            description=description,
+            needs_calibration=needs_calibration or (lambda job, cfg: True),
+            default_pruner=default_pruner,
+            kind=kind,
+        )
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> MethodEntry:
+    _load_builtin_methods()
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise InputError(f"unknown method '{name}'; choose one of: {', '.join(sorted(METHODS))}") from None
+
+
+def available_methods() -> list[str]:
+    _load_builtin_methods()
+    return sorted(METHODS)
+
+
+def _load_builtin_methods() -> None:
+    # Importing a method module registers it; the list is the only place that names them.
+    from . import BUILTIN_METHOD_MODULES  # noqa: F401
+    import importlib
+
+    for module in BUILTIN_METHOD_MODULES:
+        importlib.import_module(f"{__package__}.{module}")

@@ -1,0 +1,86 @@
+"""Streaming input statistics for the pruners, fed by the engine's forward hooks (no hooks here).
+
+Both statistics follow the reference ``add_batch`` (methods.md §2.2, §2.3): an input of shape
+``[batch, seq, in]`` counts as ``batch`` samples, a 2-D ``[tokens, in]`` input as one sample, and
+all accumulation is in float32 whatever the activation dtype.
+
+The reference keeps a *running average* (rescale the old value by ``n/(n+b)``, then add the new
+batch scaled by ``1/(n+b)``). That equals "total over all tokens / number of samples", which is
+what we store: a plain fp32 sum and a sample count, divided once in ``value()``. Fewer roundings,
+same number (tests check the equivalence against the reference loops).
+
+Padding: the reference feeds every token, pad tokens included. ``add`` does the same unless a
+``token_mask`` is given (``[batch, seq]``, True / 1 = real token, i.e. an ``attention_mask``);
+masked tokens then contribute nothing, while the sample count is still the batch size, so a
+padded sample weighs like any other. Whether to pass the mask is the engine's decision.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compresskit.pruning.precision import full_fp32_matmul
+
+
+def _token_rows(x: torch.Tensor, in_features: int, token_mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """``x`` as float32 ``[tokens, in]`` with masked tokens zeroed, and its number of samples."""
+    if x.shape[-1] != in_features:
+        raise ValueError(f"input has {x.shape[-1]} features, the statistic expects {in_features}")
+    samples = x.shape[0] if x.dim() >= 3 else 1
+    rows = x.detach().reshape(-1, in_features).float()
+    if token_mask is not None:
+        keep = token_mask.detach().to(device=rows.device).reshape(-1).bool()
+        if keep.numel() != rows.shape[0]:
+            raise ValueError(
+                f"token_mask has {keep.numel()} entries for {rows.shape[0]} tokens (input shape {tuple(x.shape)})"
+            )
+        # where(), not a product: a pad position holding inf/NaN must not leak in as 0 * inf.
+        rows = torch.where(keep.unsqueeze(1), rows, rows.new_zeros(()))
+    return rows, samples
+
+
+class SquaredNormStat:
+    """Wanda's ``scaler_row``: per input column, mean over samples of ``sum_tokens x_j^2`` (fp32)."""
+
+    def __init__(self, in_features: int) -> None:
+        self.in_features = in_features
+        self.nsamples = 0
+        self._total: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
+        rows, samples = _token_rows(x, self.in_features, token_mask)
+        if self._total is None:
+            self._total = torch.zeros(self.in_features, dtype=torch.float32, device=rows.device)
+        self._total += rows.square().sum(dim=0)
+        self.nsamples += samples
+
+    def value(self) -> torch.Tensor:
+        if self._total is None or self.nsamples == 0:
+            raise RuntimeError("SquaredNormStat.value() called before any input was added")
+        return self._total / self.nsamples
+
+
+class HessianStat:
+    """SparseGPT's ``H = (2 / nsamples) * sum_tokens x x^T`` in fp32 (TF32 off, as the reference)."""
+
+    def __init__(self, in_features: int) -> None:
+        self.in_features = in_features
+        self.nsamples = 0
+        self._total: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
+        rows, samples = _token_rows(x, self.in_features, token_mask)
+        if self._total is None:
+            self._total = torch.zeros(
+                self.in_features, self.in_features, dtype=torch.float32, device=rows.device
+            )
+        with full_fp32_matmul():
+            self._total.addmm_(rows.T, rows)
+        self.nsamples += samples
+
+    def value(self) -> torch.Tensor:
+        if self._total is None or self.nsamples == 0:
+            raise RuntimeError("HessianStat.value() called before any input was added")
+        return self._total * (2.0 / self.nsamples)
