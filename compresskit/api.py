@@ -114,37 +114,15 @@ def prune(
         check_output_dir(out, force, input_path=model if isinstance(model, str) else None)
     dev = resolve_device(device)
 
-    from .calibration import CalibrationSpec
-    from .models import get_adapter, load_model
-
     t0 = time.perf_counter()
-    if isinstance(model, str):
-        model_obj, tok = load_model(model, dtype=dtype, device="cpu", revision=revision)
-    else:
-        model_obj, tok = model, tokenizer
-    load_s = time.perf_counter() - t0
-    adapter = get_adapter(model_obj)
-
-    spec_kwargs = dict(source=calib, format=calib_format, nsamples=nsamples, seqlen=seqlen, seed=seed)
-    if num_incontext is not None:
-        spec_kwargs["num_incontext"] = num_incontext
-    calibration = CalibrationSpec(**spec_kwargs)
-    job = PruneJob(
-        model=model_obj,
-        tokenizer=tok,
-        adapter=adapter,
-        device=dev,
-        sparsity=sparsity if pat.kind == "unstructured" else pat.sparsity,
-        pattern=pat,
-        pruner=pruner_name,
-        calibration=calibration,
-        batch_size=batch_size,
-        offload_activations=offload_activations,
-        include=include,
-        exclude=exclude,
-        pruner_options=dict(pruner_options or {}),
-        progress=progress,
+    job = build_job(
+        model, tokenizer=tokenizer, dtype=dtype, revision=revision, device=dev, sparsity=sparsity, pattern=pat,
+        pruner=pruner_name, calib=calib, calib_format=calib_format, nsamples=nsamples, seqlen=seqlen, seed=seed,
+        num_incontext=num_incontext, batch_size=batch_size, offload_activations=offload_activations,
+        include=include, exclude=exclude, pruner_options=pruner_options, progress=progress,
     )
+    load_s = time.perf_counter() - t0
+    model_obj, tok, adapter, calibration = job.model, job.tokenizer, job.adapter, job.calibration
     from .methods.sparsify import validate_pattern
 
     validate_pattern(job, [pat] * adapter.num_blocks)
@@ -198,6 +176,41 @@ def prune(
         manifest.write(out_path)
     manifest.timings["total_s"] = time.perf_counter() - t_start
     return PruneOutcome(model=model_obj, tokenizer=tok, manifest=manifest, out=out_path, result=result)
+
+
+def build_job(
+    model, *, tokenizer=None, dtype="auto", revision=None, device="auto", sparsity=None, pattern="unstructured",
+    pruner="wanda", calib="c4", calib_format="window", nsamples=128, seqlen=2048, seed=0, num_incontext=None,
+    batch_size=8, offload_activations=False, include=None, exclude=None, pruner_options=None, progress=None,
+) -> PruneJob:
+    """Load the model (unless given one), find its adapter, and gather the shared options."""
+    from .calibration import CalibrationSpec
+    from .models import get_adapter, load_model
+
+    pat = Pattern.parse(pattern)
+    if isinstance(model, str):
+        model_obj, tok = load_model(model, dtype=dtype, device="cpu", revision=revision)
+    else:
+        model_obj, tok = model, tokenizer
+    spec_kwargs = dict(source=calib, format=calib_format, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    if num_incontext is not None:
+        spec_kwargs["num_incontext"] = num_incontext
+    return PruneJob(
+        model=model_obj,
+        tokenizer=tok,
+        adapter=get_adapter(model_obj),
+        device=resolve_device(device),
+        sparsity=sparsity if pat.kind == "unstructured" else pat.sparsity,
+        pattern=pat,
+        pruner=pruner,
+        calibration=CalibrationSpec(**spec_kwargs),
+        batch_size=batch_size,
+        offload_activations=offload_activations,
+        include=include,
+        exclude=exclude,
+        pruner_options=dict(pruner_options or {}),
+        progress=progress,
+    )
 
 
 def _check_regex(pattern: str | None) -> None:

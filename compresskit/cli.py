@@ -258,6 +258,18 @@ def inspect(
     _print_block_table(manifest, title="per-block sparsity")
 
 
+def _register_commands() -> None:
+    import importlib
+
+    from .commands import COMMAND_MODULES
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"{__package__}.commands.{name}").register(app)
+
+
+_register_commands()
+
+
 def _quiet_libraries() -> None:
     """Our own progress bars and one-line errors replace the libraries' bars and warnings."""
     import os

@@ -116,7 +116,9 @@ def load(path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None 
 
 
 def load_with_tokenizer(path: str | Path, device: str = "cpu", dtype=None, with_tokenizer: bool = True):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..models.loading import _auto_class
 
     path = Path(path).expanduser()
     if not path.is_dir():
@@ -129,7 +131,7 @@ def load_with_tokenizer(path: str | Path, device: str = "cpu", dtype=None, with_
         kwargs["dtype"] = getattr(torch, manifest.dtype)
     with _quiet_transformers():
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            model = _auto_class(AutoConfig.from_pretrained(path)).from_pretrained(path, **kwargs)
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
     if manifest is not None and manifest.structure:

@@ -1,0 +1,124 @@
+"""Per-layer statistics without pruning: what OWL / AlphaPruning would see and allocate.
+
+``analyze(model, "owl")`` runs OWL's first pass (dense model, Wanda statistics) and reports the
+outlier ratio D per block plus the allocation it implies; ``"alpha"`` reports the Hill α of every
+decoder linear, the block means and the AlphaPruning allocation. Other metrics register with
+``register_metric`` (WeLore's singular-value profiles do).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import InputError
+
+_METRICS: dict[str, Callable[..., dict]] = {}
+
+
+def register_metric(name: str):
+    def deco(fn):
+        _METRICS[name] = fn
+        return fn
+
+    return deco
+
+
+def available_metrics() -> list[str]:
+    _load_metric_modules()
+    return sorted(_METRICS)
+
+
+def _load_metric_modules() -> None:
+    import importlib
+
+    for module in ("compresskit.lowrank.analyze",):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError:
+            pass
+
+
+@register_metric("owl")
+def _owl(job, options: dict) -> dict:
+    from .allocation.owl import allocate_owl
+    from .methods.owl import OWLConfig, outlier_ratios
+
+    cfg = OWLConfig(**{k: v for k, v in options.items() if k in OWLConfig.model_fields and v is not None})
+    D = outlier_ratios(job, cfg.owl_m)
+    active = [d for d in D if d is not None]
+    ratios = allocate_owl(active, job.sparsity, cfg.owl_lambda) if job.sparsity is not None else None
+    return {
+        "metric": "owl",
+        "config": cfg.model_dump(),
+        "sparsity": job.sparsity,
+        "per_block": {"outlier_ratio_D": D, "owl_sparsity": ratios},
+    }
+
+
+@register_metric("alpha")
+def _alpha(job, options: dict) -> dict:
+    from .allocation.alpha import allocate_alpha
+    from .methods.alphapruning import AlphaConfig, matrix_alphas
+
+    cfg = AlphaConfig(**{k: v for k, v in options.items() if k in AlphaConfig.model_fields and v is not None})
+    names, blocks, numels, alphas = matrix_alphas(job, cfg.alpha_metric)
+    n = job.adapter.num_blocks
+    block_alpha = []
+    for b in range(n):
+        vals = [a for a, bb in zip(alphas, blocks) if bb == b]
+        block_alpha.append(sum(vals) / len(vals) if vals else None)
+    ratios = None
+    if job.sparsity is not None:
+        per_matrix = allocate_alpha(alphas, blocks, numels, job.sparsity, cfg.alpha_epsilon, cfg.alpha_mapping)
+        ratios = []
+        for b in range(n):
+            pairs = [(s, r) for s, r, bb in zip(numels, per_matrix, blocks) if bb == b]
+            ratios.append(sum(s * r for s, r in pairs) / sum(s for s, _ in pairs) if pairs else None)
+    return {
+        "metric": "alpha",
+        "config": cfg.model_dump(),
+        "sparsity": job.sparsity,
+        "per_block": {"alpha_mean": block_alpha, "alphapruning_sparsity": ratios},
+        "per_matrix": {"alpha": dict(zip(names, alphas))},
+    }
+
+
+def analyze(model: str | Any, metric: str, *, sparsity: float | None = 0.7, options: dict | None = None,
+            plot: str | Path | None = None, tokenizer=None, **job_kwargs) -> dict:
+    """Compute a per-layer metric of ``model`` (nothing is modified) and optionally plot it."""
+    from .api import build_job
+
+    _load_metric_modules()
+    if metric not in _METRICS:
+        raise InputError(f"unknown metric '{metric}'; choose one of: {', '.join(sorted(_METRICS))}")
+    if sparsity is not None and not 0 <= sparsity < 1:
+        raise InputError(f"--sparsity must be in [0, 1), got {sparsity}")
+    job = build_job(model, tokenizer=tokenizer, sparsity=sparsity, **job_kwargs)
+    report = _METRICS[metric](job, dict(options or {}))
+    report["model"] = model if isinstance(model, str) else getattr(job.model.config, "_name_or_path", "in-memory")
+    report["blocks"] = [job.adapter.block_name(i) for i in range(job.adapter.num_blocks)]
+    if plot is not None:
+        plot_report(report, Path(plot))
+        report["plot"] = str(plot)
+    return report
+
+
+def plot_report(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {k: v for k, v in report["per_block"].items() if v is not None}
+    fig, axes = plt.subplots(len(series), 1, figsize=(8, 2.6 * len(series)), squeeze=False)
+    for ax, (name, values) in zip(axes[:, 0], series.items()):
+        xs = [i for i, v in enumerate(values) if v is not None]
+        ax.bar(xs, [values[i] for i in xs], color="tab:blue")
+        ax.set_ylabel(name)
+        ax.set_xlabel("block")
+    fig.suptitle(f"{report['metric']} — {report.get('model', '')}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

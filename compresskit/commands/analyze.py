@@ -1,0 +1,52 @@
+"""``compresskit analyze``: per-layer statistics (OWL outliers, Hill α, spectra) without pruning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def analyze(
+        model: str = typer.Option(..., "--model", "-m", help="Hub id, local directory or built-in name."),
+        metric: str = typer.Option(..., help="owl (outlier ratio D per block) | alpha (Hill α per matrix) | spectrum."),
+        sparsity: float = typer.Option(0.7, help="Target sparsity used to preview the allocation."),
+        owl_m: Optional[float] = typer.Option(None, help="OWL outlier threshold M [default 5]."),
+        owl_lambda: Optional[float] = typer.Option(None, help="OWL λ [default 0.08]."),
+        alpha_epsilon: Optional[float] = typer.Option(None, help="AlphaPruning ε [default 0.3]."),
+        alpha_metric: Optional[str] = typer.Option(None, help="alpha_peak | alpha_mid."),
+        calib: str = typer.Option("c4", help="Calibration source (owl only)."),
+        nsamples: int = typer.Option(128), seqlen: int = typer.Option(2048), seed: int = typer.Option(0),
+        include: Optional[str] = typer.Option(None), exclude: Optional[str] = typer.Option(None),
+        device: str = typer.Option("auto"), dtype: str = typer.Option("auto"),
+        batch_size: int = typer.Option(8),
+        plot: Optional[Path] = typer.Option(None, help="Write a per-block bar chart (PNG)."),
+        json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    ):
+        """Per-layer statistics of a model, and the allocation they imply; nothing is pruned."""
+        from ..analyze import analyze as run
+
+        options = {"owl_m": owl_m, "owl_lambda": owl_lambda, "alpha_epsilon": alpha_epsilon, "alpha_metric": alpha_metric}
+        report = run(model, metric, sparsity=sparsity, options=options, plot=plot, calib=calib, nsamples=nsamples,
+                     seqlen=seqlen, seed=seed, include=include, exclude=exclude, device=device, dtype=dtype,
+                     batch_size=batch_size)
+        if json_out:
+            print(json.dumps(report, indent=2, default=str))
+            return
+        table = Table(title=f"{metric} per block — {model}")
+        table.add_column("block", justify="right")
+        cols = [k for k, v in report["per_block"].items() if v is not None]
+        for c in cols:
+            table.add_column(c, justify="right")
+        for i in range(len(report["blocks"])):
+            vals = [report["per_block"][c][i] for c in cols]
+            table.add_row(str(i), *("-" if v is None else f"{v:.4f}" for v in vals))
+        Console().print(table)
+        if plot:
+            Console().print(f"plot written to {plot}")
