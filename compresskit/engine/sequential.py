@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .capture import BlockCall, CapturedInputs, capture_block_inputs
+from .capture import CapturedInputs, capture_block_inputs
 from .collect import InputStatsCollector, StatFactory
 
 
@@ -49,13 +49,16 @@ class BlockContext:
         return self.runner.device
 
     @torch.no_grad()
-    def forward(self, hooks: Callable[[], object] | None = None, keep_outputs: bool = True) -> None:
-        """Run every calibration batch through the block (statistics come from registered hooks).
+    def forward(self, on_batch: Callable[[torch.Tensor | None], None] | None = None, keep_outputs: bool = True) -> None:
+        """Run every calibration batch through the block (statistics come from hooks the visitor registered).
 
-        With ``keep_outputs`` the outputs are kept: if the visitor then leaves the block unchanged,
-        they become the next block's inputs without a second forward.
+        ``on_batch(token_mask)`` is called before each batch. With ``keep_outputs`` the outputs are
+        kept: if the visitor then leaves the block unchanged, they become the next block's inputs
+        without a second forward.
         """
-        self.outputs = self.runner._forward_block(self.block, self.index, on_batch=hooks, keep=keep_outputs)
+        t0 = time.perf_counter()
+        self.outputs = self.runner._forward_block(self.block, self.index, on_batch=on_batch, keep=keep_outputs)
+        self.runner.timings.forward_s += time.perf_counter() - t0
 
     def collect_input_stats(self, modules: dict[str, nn.Module], factory: StatFactory) -> InputStatsCollector:
         """Forward all batches once, accumulating ``factory``-made statistics of each module's input."""
@@ -122,17 +125,14 @@ class SequentialRunner:
         self.timings.capture_s += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ forward
-    def _call_kwargs(self, call: BlockCall) -> tuple[tuple, dict]:
-        # Recorded tensors live on the compute device already (captured there).
-        return call.args, call.kwargs
-
     def _forward_block(self, block: nn.Module, index: int, on_batch=None, keep: bool = True):
         assert self._captured is not None and self._inputs is not None
         outputs: list[torch.Tensor] = []
         for b, hidden in enumerate(self._inputs):
             if on_batch is not None:
                 on_batch(self._captured.token_masks[b])
-            args, kwargs = self._call_kwargs(self._captured.calls[b][index])
+            call = self._captured.calls[b][index]  # recorded on the compute device already
+            args, kwargs = call.args, call.kwargs
             out = _block_output(block(hidden.to(self.device), *args, **kwargs))
             if keep:
                 outputs.append(out.to(self.store_device))
@@ -153,9 +153,10 @@ class SequentialRunner:
             scope = self.block_context(i) if self.block_context is not None else nullcontext()
             with scope:
                 ctx = BlockContext(self, i, block)
-                t1 = time.perf_counter()
+                t1, f1 = time.perf_counter(), self.timings.forward_s
                 changed = visit(ctx)
-                self.timings.transform_s += time.perf_counter() - t1
+                # the visitor's own statistics forwards are counted in forward_s, not here
+                self.timings.transform_s += time.perf_counter() - t1 - (self.timings.forward_s - f1)
             if changed or ctx.outputs is None:
                 t1 = time.perf_counter()
                 ctx.outputs = self._forward_block(block, i)

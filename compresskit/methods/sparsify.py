@@ -57,6 +57,20 @@ def _expert_scope(job: PruneJob, i: int):
     return unfuse(i) if unfuse is not None else nullcontext()
 
 
+def _runner(job: PruneJob, calib, report) -> SequentialRunner:
+    """The engine over the job's calibration samples, with fused experts presented per expert."""
+    return SequentialRunner(
+        job.adapter,
+        calib.input_ids,
+        calib.attention_mask,
+        device=job.device,
+        batch_size=job.batch_size,
+        offload_activations=job.offload_activations,
+        progress=report,
+        block_context=lambda i: _expert_scope(job, i),
+    )
+
+
 def _stat_factory(needs: str):
     from ..pruning import HessianStat, SquaredNormStat
 
@@ -128,16 +142,7 @@ def prune_blocks(
             prune_matrix(ctx.index, local, module, value)
         return True
 
-    runner = SequentialRunner(
-        job.adapter,
-        calib.input_ids,
-        calib.attention_mask,
-        device=job.device,
-        batch_size=job.batch_size,
-        offload_activations=job.offload_activations,
-        progress=report,
-        block_context=lambda i: _expert_scope(job, i),
-    )
+    runner = _runner(job, calib, report)
     timings = runner.run(visit)
     runner.release()
     details.update(capture_s=timings.capture_s, forward_s=timings.forward_s)
@@ -167,16 +172,7 @@ def collect_block_statistics(
         if job.progress is not None:
             job.progress("measure", done, total, label)
 
-    runner = SequentialRunner(
-        job.adapter,
-        calib.input_ids,
-        calib.attention_mask,
-        device=job.device,
-        batch_size=job.batch_size,
-        offload_activations=job.offload_activations,
-        progress=report,
-        block_context=lambda i: _expert_scope(job, i),
-    )
+    runner = _runner(job, calib, report)
     runner.run(visit)
     runner.release()
     return values
