@@ -56,6 +56,9 @@ def _validate_common(sparsity: float | None, pattern: str, pruner: str | None, m
                 raise InputError("pass --sparsity (a fraction in [0, 1), e.g. 0.5) or an N:M --pattern")
         if sparsity is not None and not (0.0 <= sparsity < 1.0):
             raise InputError(f"--sparsity must be in [0, 1), got {sparsity}")
+    elif sparsity is not None or pat.kind != "unstructured" or pruner is not None:
+        # Structural methods (welore) set their own reduction; a silently ignored target would mislead the manifest.
+        raise InputError(f"--sparsity / --pattern / --pruner do not apply to --method {method_entry.name}; drop them")
     return pat
 
 
@@ -94,8 +97,8 @@ def prune(
     pruner_name = pruner or entry.default_pruner or "wanda"
     if entry.default_pruner and pruner and pruner != entry.default_pruner:
         raise InputError(f"--method {method} implies --pruner {entry.default_pruner}; use --method uniform --pruner {pruner}")
-    if pat.kind == "nm" and sparsity is not None and entry.kind == "sparsity" and method in {"magnitude", "wanda", "sparsegpt", "uniform"} and abs(sparsity - pat.sparsity) > 1e-9:
-        raise InputError(f"--pattern {pat} means sparsity {pat.sparsity:g}; drop --sparsity {sparsity:g}")
+    if pat.kind == "nm" and sparsity is not None and abs(sparsity - pat.sparsity) > 1e-9:
+        raise InputError(f"--pattern {pat} fixes the sparsity at {pat.sparsity:g}; drop --sparsity {sparsity:g}")
     for option in (include, exclude):
         _check_regex(option)
     model_name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "in-memory")

@@ -11,7 +11,7 @@ import inspect as _inspect
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -200,42 +200,64 @@ def _fmt(v) -> str:
 
 @app.command("eval")
 def eval_(
-    path: Optional[str] = typer.Argument(None, help="Checkpoint directory (or model name with --model)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Evaluate a model (hub id, dir, built-in) instead of a checkpoint."),
+    path: Optional[str] = typer.Argument(None, help="Checkpoint directory, model directory, hub id or built-in name."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="The model to evaluate; with a checkpoint and --baseline: the dense model to compare with."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-eval tasks and named sets, comma-separated: boolq,rte,... | zeroshot7 | cdmoe8 | finercut9 | piqa_local."),
+    task_file: List[Path] = typer.Option([], "--task-file", help="Local lm-eval task YAML (or folder) to index; repeatable. Without --tasks, the files' own tasks run."),
     ppl: Optional[str] = typer.Option(None, help="Perplexity dataset: wikitext2 | c4 (comma-separated for several)."),
-    ppl_file: Optional[Path] = typer.Option(None, help="Perplexity of a local text file (.txt as-is, .jsonl 'text' rows joined by blank lines)."),
+    ppl_file: List[Path] = typer.Option([], "--ppl-file", help="Perplexity of a local text file (.txt as-is, .jsonl 'text' rows joined by blank lines); repeatable; keyed by file stem."),
     seqlen: int = typer.Option(2048, help="Perplexity window length."),
-    max_windows: Optional[int] = typer.Option(None, help="Only the first N windows (a quick estimate; recorded in the output)."),
+    max_windows: Optional[int] = typer.Option(None, help="Only the first N perplexity windows (a quick estimate; recorded)."),
+    ppl_batch_size: int = typer.Option(1, help="Perplexity windows per forward (the papers use 1)."),
+    num_fewshot: Optional[int] = typer.Option(None, help="Few-shot examples [default: the set's protocol, else 0]."),
+    limit: Optional[str] = typer.Option(None, help="Examples per task: N, or a fraction like 0.1 [default: the set's protocol, else all]."),
+    batch_size: str = typer.Option("auto", help="lm-eval batch size: auto | N (auto is 8 on CPU)."),
+    seed: Optional[int] = typer.Option(None, help="lm-eval seed [default: the set's, else 0]."),
+    efficiency: bool = typer.Option(False, "--efficiency", help="Parameters, nonzeros, bytes on disk, peak memory, prefill/decode tokens/s."),
+    baseline: bool = typer.Option(False, "--baseline", help="Also evaluate the dense model (manifest base_model, or --model) with the same settings."),
+    baseline_json: Optional[str] = typer.Option(None, "--baseline-json", help="Where the dense result goes [default: <--json stem>.baseline.json]."),
     device: str = typer.Option("auto", help="cpu | cuda | auto."),
-    batch_size: int = typer.Option(1, help="Windows per forward."),
-    json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+    dtype: str = typer.Option("auto", help="auto (the checkpoint's) | float32 | bfloat16 | float16."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the result (schema v1) to this file; '-' prints it on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
-    """Evaluate a checkpoint: perplexity with the papers' protocol."""
+    """Evaluate a model or checkpoint: perplexity, lm-eval tasks, efficiency; results as JSON schema v1."""
+    from .commands.result_tables import result_table
+    from .evaluate import base_model_of, evaluate
+    from .evaluation.compare import compare, render_table
+
+    if path is not None and model is not None and not baseline:
+        raise InputError("give a checkpoint/model PATH or --model, not both (with --baseline, --model is the dense model)")
     target = path or model
     if target is None:
         raise InputError("give a checkpoint directory or --model")
-    datasets = [d for d in (ppl.split(",") if ppl else []) if d]
-    if ppl_file is not None:
-        datasets.append(f"file:{ppl_file}")
-    if not datasets:
-        datasets = ["wikitext2"]
-    results = {}
-    with _Progress(enabled=not (quiet or json_out)) as progress:
-        for ds in datasets:
-            results[ds] = api.evaluate_perplexity(
-                target, ds, seqlen=seqlen, device=device, batch_size=batch_size, max_windows=max_windows,
-                progress=lambda d, t, ds=ds: progress(f"ppl {ds}", d, t, ""),
-            )
-    if json_out:
-        print(json.dumps({"model": target, "perplexity": results}, indent=2))
+    try:
+        parsed_limit = None if limit is None else (float(limit) if "." in limit else int(limit))
+    except ValueError:
+        raise InputError(f"--limit must be a number of examples (100) or a fraction (0.1), got {limit!r}") from None
+    settings = dict(tasks=tasks, task_files=task_file, ppl=ppl, ppl_file=ppl_file, seqlen=seqlen,
+                    max_windows=max_windows, ppl_batch_size=ppl_batch_size, num_fewshot=num_fewshot,
+                    limit=parsed_limit, batch_size=batch_size, seed=seed, efficiency=efficiency, device=device,
+                    dtype=dtype)
+    dense = None
+    with _Progress(enabled=not (quiet or json_path == "-")) as progress:
+        if baseline:
+            if path is None:
+                raise InputError("--baseline compares a checkpoint with its dense model: give the checkpoint PATH")
+            dense_target = model or base_model_of(path)
+            dense = evaluate(dense_target, progress=progress, **settings)
+            dense.extra["baseline_of"] = str(path)
+        result = evaluate(target, progress=progress, **settings)
+    if json_path == "-":
+        data = result.model_dump(mode="json")
+        print(json.dumps({"baseline": dense.model_dump(mode="json"), "result": data} if dense else data, indent=2))
         return
-    table = Table(title=f"perplexity of {target}")
-    for col in ("dataset", "ppl", "seqlen", "windows", "join"):
-        table.add_column(col)
-    for ds, r in results.items():
-        table.add_row(ds, f"{r['value']:.3f}", str(r["seqlen"]), str(r["n_windows"]), r["join"])
-    out_console.print(table)
+    if json_path:
+        result.save(json_path)
+    if dense is not None and (baseline_json or json_path):
+        dense.save(baseline_json or Path(json_path).with_name(Path(json_path).stem + ".baseline.json"))
+    if not quiet:
+        out_console.print(render_table(compare(dense, result)) if dense is not None else result_table(result))
 
 
 @app.command()
@@ -284,10 +306,30 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _click_exceptions():
+    """Typer ≥ 0.24 vendors click as ``typer._click``; older releases use click itself."""
+    try:
+        from typer._click import exceptions
+    except ImportError:  # pragma: no cover - depends on the installed typer
+        from click import exceptions
+    return exceptions
+
+
 def main() -> None:
+    click_exc = _click_exceptions()
     _quiet_libraries()
     try:
-        app()
+        # standalone_mode=False: usage errors reach us, so they too are one line and exit 2.
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except click_exc.NoArgsIsHelpError as exc:
+        print(exc.ctx.get_help() if exc.ctx else str(exc))
+        sys.exit(0)
+    except click_exc.UsageError as exc:
+        path = exc.ctx.command_path if exc.ctx is not None else "compresskit"
+        err_console.print(f"error: {exc.format_message()} (see: {path} --help)", highlight=False, markup=False,
+                          soft_wrap=True)
+        sys.exit(2)
     except CompressKitError as exc:
         err_console.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(exc.exit_code)

@@ -156,9 +156,9 @@ def test_inspect_and_json(cli, tiny_model_dir, sotu_jsonl, tmp_path):
 def test_eval_ppl_file(cli, tiny_model_dir, sotu_jsonl, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(" ".join(["the quick brown fox jumps over the lazy dog"] * 200))
-    res = cli("eval", "--model", tiny_model_dir("llama"), "--ppl-file", text, "--seqlen", "64", "--device", "cpu", "--json")
+    res = cli("eval", "--model", tiny_model_dir("llama"), "--ppl-file", text, "--seqlen", "64", "--device", "cpu", "--json", "-")
     assert res.exit_code == 0, res.stderr
-    r = json.loads(res.stdout)["perplexity"][f"file:{text}"]
+    r = json.loads(res.stdout)["perplexity"]["t"]  # a perplexity file is keyed by its stem
     assert r["seqlen"] == 64 and r["n_windows"] == r["total_tokens"] // 64 and r["value"] > 1
 
 
@@ -186,6 +186,9 @@ def test_bad_input_errors(cli, tiny_model_dir, sotu_jsonl, tmp_path):
     _assert_clean_error(cli("prune", "--model", src, "--method", "wanda", "--pattern", "3:7", *base), "multiple of 7", out)
     _assert_clean_error(cli("prune", "--model", src, "--method", "wanda", "--sparsity", "0.5", "--out", out,
                             "--calib", f"file:{tmp_path / 'missing.jsonl'}", *CALIB), "missing.jsonl", out)
+    # usage errors (missing option, unparsable value) are one line too
+    _assert_clean_error(cli("prune", "--model", src, "--method", "wanda"), "--out", out)
+    _assert_clean_error(cli("prune", "--model", src, "--method", "wanda", "--sparsity", "half", *base), "--sparsity", out)
     unreadable = tmp_path / "bad.jsonl"
     unreadable.write_bytes(b"\xff\xfe not json\n")
     _assert_clean_error(cli("prune", "--model", src, "--method", "wanda", "--sparsity", "0.5", "--out", out,

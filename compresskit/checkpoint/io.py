@@ -79,7 +79,9 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, manifest: Manifest, f
     """Write safetensors shards, config, tokenizer and the manifest, atomically."""
     out = Path(out_dir).expanduser().resolve()
     with atomic_directory(out, force=force) as tmp:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        # With replaced modules, keep the model's own keys (e.g. fused MoE experts): load() checks them
+        # strictly against the rebuilt model, which transformers' per-expert "original format" would fail.
+        model.save_pretrained(tmp, max_shard_size=max_shard_size, save_original_format=not manifest.structure)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         manifest.write(tmp)

@@ -21,18 +21,23 @@ def register(app: typer.Typer) -> None:
         owl_lambda: Optional[float] = typer.Option(None, help="OWL λ [default 0.08]."),
         alpha_epsilon: Optional[float] = typer.Option(None, help="AlphaPruning ε [default 0.3]."),
         alpha_metric: Optional[str] = typer.Option(None, help="alpha_peak | alpha_mid."),
+        rank_reduction: Optional[float] = typer.Option(None, help="WeLore rank reduction previewed (spectrum) [default 0.5]."),
+        min_ratio: Optional[float] = typer.Option(None, help="WeLore LRC threshold (spectrum) [default 0.5]."),
         calib: str = typer.Option("c4", help="Calibration source (owl only)."),
         nsamples: int = typer.Option(128), seqlen: int = typer.Option(2048), seed: int = typer.Option(0),
         include: Optional[str] = typer.Option(None), exclude: Optional[str] = typer.Option(None),
         device: str = typer.Option("auto"), dtype: str = typer.Option("auto"),
         batch_size: int = typer.Option(8),
-        plot: Optional[Path] = typer.Option(None, help="Write a per-block bar chart (PNG)."),
+        plot: Optional[Path] = typer.Option(None, help="Write a per-block bar chart (PNG; spectrum: σ̂ curves per matrix)."),
         json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     ):
         """Per-layer statistics of a model, and the allocation they imply; nothing is pruned."""
         from ..analyze import analyze as run
 
-        options = {"owl_m": owl_m, "owl_lambda": owl_lambda, "alpha_epsilon": alpha_epsilon, "alpha_metric": alpha_metric}
+        options = {"owl_m": owl_m, "owl_lambda": owl_lambda, "alpha_epsilon": alpha_epsilon, "alpha_metric": alpha_metric,
+                   "rank_reduction": rank_reduction, "min_ratio": min_ratio}
+        if metric == "spectrum":  # draws its own figure (σ̂ curves), not the generic per-block bars
+            options["plot"], plot = plot, None
         report = run(model, metric, sparsity=sparsity, options=options, plot=plot, calib=calib, nsamples=nsamples,
                      seqlen=seqlen, seed=seed, include=include, exclude=exclude, device=device, dtype=dtype,
                      batch_size=batch_size)
@@ -48,5 +53,5 @@ def register(app: typer.Typer) -> None:
             vals = [report["per_block"][c][i] for c in cols]
             table.add_row(str(i), *("-" if v is None else f"{v:.4f}" for v in vals))
         Console().print(table)
-        if plot:
-            Console().print(f"plot written to {plot}")
+        if report.get("plot"):
+            Console().print(f"plot written to {report['plot']}")

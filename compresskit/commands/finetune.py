@@ -1,0 +1,114 @@
+"""``compresskit finetune``: train only the low-rank factors (U, V) of a WeLore checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+
+class _Bar:
+    """One rich progress row for the training steps (label: loss, lr, last eval ppl)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._progress = None
+        self._task = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TextColumn("{task.fields[label]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                      console=Console(stderr=True))
+            self._progress.__enter__()
+        return self
+
+    def __call__(self, phase: str, done: int, total: int, label: str = "") -> None:
+        if self._progress is None:
+            return
+        if self._task is None:
+            self._task = self._progress.add_task(phase, total=total, label=label)
+        self._progress.update(self._task, completed=done, total=total, label=label)
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def finetune(
+        checkpoint: Path = typer.Argument(..., help="A compresskit checkpoint with low-rank factors (prune --method welore)."),
+        data: List[str] = typer.Option(..., "--data", help="Training text: any calibration source (c4, file:PATH, hf:...); repeat to mix."),
+        steps: int = typer.Option(..., help="Optimizer steps."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory (written atomically)."),
+        lr: float = typer.Option(5e-5, help="Peak learning rate (WeLore: 5e-5)."),
+        batch_size: int = typer.Option(4, help="Windows per step."),
+        seqlen: int = typer.Option(512, help="Tokens per window."),
+        warmup: int = typer.Option(100, help="Linear warmup steps (must be <= --steps)."),
+        min_lr_ratio: float = typer.Option(0.1, help="Cosine decays to this fraction of --lr."),
+        weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
+        max_grad_norm: Optional[float] = typer.Option(1.0, help="Gradient clipping norm."),
+        data_format: str = typer.Option("window", help="Calibration format of --data (window | icl | cot | single | zero)."),
+        grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations in backward (less memory)."),
+        eval_data: Optional[str] = typer.Option(None, help="Held-out perplexity text: wikitext2 | c4 | file:PATH (none: no eval)."),
+        eval_every: int = typer.Option(100, help="Evaluate every N steps (and at the start and end)."),
+        eval_windows: int = typer.Option(8, help="Windows of --seqlen tokens per evaluation."),
+        save_every: int = typer.Option(100, help="Save the resumable training state every N steps."),
+        resume: bool = typer.Option(False, "--resume", help="Continue from <out>.train-state/ if it exists."),
+        compare_full: bool = typer.Option(False, "--compare-full", help="Also time a short full fine-tune (all parameters) for memory."),
+        compare_steps: int = typer.Option(5, help="Steps of the --compare-full run."),
+        device: str = typer.Option("auto", help="cpu | cuda | cuda:N | auto."),
+        dtype: Optional[str] = typer.Option(None, help="Output dtype (default: the checkpoint's)."),
+        seed: int = typer.Option(0, help="Seed of the training windows."),
+        force: bool = typer.Option(False, "--force", help="Replace an existing output / discard a saved training state."),
+        json_out: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    ):
+        """Fine-tune only the low-rank factors (everything else frozen) and write a new checkpoint."""
+        from ..finetune import FinetuneSettings, finetune as run
+
+        settings = FinetuneSettings(
+            data=tuple(data), steps=steps, lr=lr, batch_size=batch_size, seqlen=seqlen, warmup=warmup,
+            min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+            data_format=data_format, seed=seed, grad_checkpointing=grad_checkpointing, eval_data=eval_data,
+            eval_every=eval_every, eval_windows=eval_windows, save_every=save_every,
+        )
+        with _Bar(enabled=not (quiet or json_out)) as bar:
+            outcome = run(checkpoint, out, settings, device=device, dtype=dtype, resume=resume, force=force,
+                          compare_full=compare_full, compare_steps=compare_steps, progress=bar)
+        summary = outcome.summary()
+        if json_out:
+            print(json.dumps(summary, indent=2))
+            return
+        if quiet:
+            return
+        console = Console()
+        table = Table(title=f"LRC-only fine-tune → {outcome.out}")
+        table.add_column("")
+        table.add_column("low-rank factors only", justify="right")
+        table.add_column("full fine-tune", justify="right")
+        estimate = summary["memory_estimate_bytes"]
+        full = summary.get("full_finetune_comparison") or {}
+        table.add_row("trainable parameters", f"{summary['trainable_params']:,}", f"{summary['total_params']:,}")
+        table.add_row("grads + AdamW state (estimate)", _mib(estimate["lowrank_only"]), _mib(estimate["full"]))
+        peak = summary["peak_memory"]
+        table.add_row(f"peak memory ({peak['kind']})", _mib(peak["peak_bytes"]),
+                      _mib(full.get("peak_memory", {}).get("peak_bytes")) if full else "- (--compare-full)")
+        table.add_row("seconds / step", f"{summary['seconds_per_step']:.3f}",
+                      f"{full['seconds_per_step']:.3f}" if full else "-")
+        console.print(table)
+        console.print(f"loss {summary['first_loss']:.4f} → {summary['last_loss']:.4f}"
+                      + (f" · resumed from step {summary['resumed_from_step']}" if summary["resumed_from_step"] else ""))
+        for e in summary["evals"]:
+            console.print(f"  step {e['step']:>6}: eval ppl {e['ppl']:.3f} ({e['windows']} windows)")
