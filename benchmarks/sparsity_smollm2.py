@@ -112,11 +112,15 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", help="model dtype (statistics are fp32 regardless)")
     ap.add_argument("--only", default=None, help="comma-separated labels substring filter")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--report-only", action="store_true", help="print the table and plot from the JSON, run nothing")
     args = ap.parse_args()
     torch.manual_seed(0)
 
     out = Path(args.out or RESULTS / f"sparsity_smollm2_{args.suite}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        data = json.loads(out.read_text())
+        return report(data["rows"], data["args"], data["wikitext2"], out)
     dense, tok = load_model(args.model, dtype=args.dtype)
     ids, info = perplexity_tokens(tok, "wikitext2", args.eval_seqlen)
     state = {k: v.clone() for k, v in dense.state_dict().items()}
@@ -166,13 +170,18 @@ def main() -> None:
         out.write_text(json.dumps({"suite": args.suite, "model": args.model, "args": vars(args),
                                    "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                                    "wikitext2": info, "rows": rows}, indent=2))
+    report(rows, vars(args), info, out)
+
+
+def report(rows: list[dict], args: dict, info: dict, out: Path) -> None:
     print()
-    print(f"{'config':45s} {'WikiText-2 ppl':>15s} {'prune s':>9s} {'sparsity':>9s}")
+    print(f"{'config':50s} {'WikiText-2 ppl':>15s} {'prune s':>9s} {'sparsity':>9s}")
     for r in rows:
-        print(f"{r['label']:45s} {r['ppl']:15.2f} {r.get('prune_s', 0):9.1f} {r.get('measured_sparsity', 0):9.4f}")
-    print(f"\nmodel dtype {args.dtype}; ppl: first {rows[0]['eval_windows']} windows × {args.eval_seqlen} tokens of WikiText-2 test "
-          f"({info['join']}); calibration {args.calib} {args.nsamples}×{args.seqlen} seed 0; JSON: {out}")
-    if args.suite != "base":
+        note = f"  ({r['error']})" if r.get("error") else ""
+        print(f"{r['label']:50s} {r['ppl']:15.2f} {r.get('prune_s', 0):9.1f} {r.get('measured_sparsity', 0):9.4f}{note}")
+    print(f"\nmodel dtype {args['dtype']}; ppl: first {args['eval_windows']} windows × {args['eval_seqlen']} tokens of "
+          f"WikiText-2 test ({info['join']}); calibration {args['calib']} {args['nsamples']}×{args['seqlen']} seed 0; JSON: {out}")
+    if args["suite"] != "base":
         png = out.with_suffix(".png")
         plot_allocations(rows, png)
         print(f"per-block sparsity plot: {png}")

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import api
+from .commands.progress import PhaseProgress
 from .errors import CompressKitError, InputError
 
 app = typer.Typer(
@@ -28,38 +29,6 @@ app = typer.Typer(
 )
 err_console = Console(stderr=True)
 out_console = Console()
-
-
-# --------------------------------------------------------------------------- progress
-class _Progress:
-    """A rich progress bar per phase (one row per phase: measure, prune, ...)."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self._progress = None
-        self._tasks: dict[str, int] = {}
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[label]}"), TimeElapsedColumn(), console=err_console,
-            )
-            self._progress.__enter__()
-        return self
-
-    def __call__(self, phase: str, done: int, total: int, label: str = "") -> None:
-        if self._progress is None:
-            return
-        if phase not in self._tasks:
-            self._tasks[phase] = self._progress.add_task(phase, total=total, label=label)
-        self._progress.update(self._tasks[phase], completed=done, total=total, label=label)
-
-    def __exit__(self, *exc):
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
 
 
 # --------------------------------------------------------------------------- method options
@@ -155,7 +124,7 @@ def prune(
     """Prune or compress a model and write a checkpoint with a compresskit.json manifest."""
     options = _split_method_options(method, method_options)
     pruner_options = {k: v for k, v in {"blocksize": blocksize, "percdamp": percdamp}.items() if v is not None}
-    with _Progress(enabled=not (quiet or json_out)) as progress:
+    with PhaseProgress(enabled=not (quiet or json_out)) as progress:
         outcome = api.prune(
             model, method, sparsity=sparsity, pattern=pattern, pruner=pruner, calib=calib,
             calib_format=calib_format, nsamples=nsamples, seqlen=seqlen, seed=seed,
@@ -170,7 +139,26 @@ def prune(
         _print_block_table(outcome.manifest, title=f"{method} → {outcome.out}")
 
 
+def _print_rank_plan(manifest, title: str) -> None:
+    """Low-rank methods: which matrices were factorised to which rank, and both reductions."""
+    d = manifest.method_details
+    table = Table(title=title)
+    for col in ("matrix", "shape", "full rank", "kept rank", "low rank"):
+        table.add_column(col, justify="right" if col != "matrix" else "left")
+    for m in d.get("matrices", []):
+        if m.get("lowrank"):
+            table.add_row(m["name"], "×".join(map(str, m["shape"])), str(m["full_rank"]), str(m["kept_rank"]), "yes")
+    out_console.print(table)
+    out_console.print(
+        f"τ {d.get('tau', float('nan')):.4g} · rank reduction applied {d.get('applied_rank_reduction', 0):.3f} "
+        f"(planned {d.get('planned_rank_reduction', 0):.3f}) · parameter reduction applied "
+        f"{d.get('applied_param_reduction', 0):.3f} · parameters {manifest.parameters.get('total_after', 0):,}"
+    )
+
+
 def _print_block_table(manifest, title: str) -> None:
+    if "applied_rank_reduction" in manifest.method_details:
+        return _print_rank_plan(manifest, title)
     table = Table(title=title)
     table.add_column("block", justify="right")
     table.add_column("target", justify="right")
@@ -240,7 +228,7 @@ def eval_(
                     limit=parsed_limit, batch_size=batch_size, seed=seed, efficiency=efficiency, device=device,
                     dtype=dtype)
     dense = None
-    with _Progress(enabled=not (quiet or json_path == "-")) as progress:
+    with PhaseProgress(enabled=not (quiet or json_path == "-")) as progress:
         if baseline:
             if path is None:
                 raise InputError("--baseline compares a checkpoint with its dense model: give the checkpoint PATH")
