@@ -39,48 +39,63 @@ def _token_rows(x: torch.Tensor, in_features: int, token_mask: torch.Tensor | No
     return rows, samples
 
 
-class SquaredNormStat:
+class _InputStat:
+    """A running sum over calibration tokens of some function of the input rows, in fp32.
+
+    Subclasses say what is summed (``_zeros``, ``_accumulate``) and how the sum becomes the
+    statistic (``_scale``); counting samples, masking pads and the empty check live here once.
+    """
+
+    def __init__(self, in_features: int) -> None:
+        self.in_features = in_features
+        self.nsamples = 0
+        self._total: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
+        rows, samples = _token_rows(x, self.in_features, token_mask)
+        if self._total is None:
+            self._total = self._zeros(rows.device)
+        self._accumulate(rows)
+        self.nsamples += samples
+
+    def value(self) -> torch.Tensor:
+        if self._total is None or self.nsamples == 0:
+            raise RuntimeError(f"{type(self).__name__}.value() called before any input was added")
+        return self._total * self._scale()
+
+    def _zeros(self, device: torch.device) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _accumulate(self, rows: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _scale(self) -> float:
+        raise NotImplementedError
+
+
+class SquaredNormStat(_InputStat):
     """Wanda's ``scaler_row``: per input column, mean over samples of ``sum_tokens x_j^2`` (fp32)."""
 
-    def __init__(self, in_features: int) -> None:
-        self.in_features = in_features
-        self.nsamples = 0
-        self._total: torch.Tensor | None = None
+    def _zeros(self, device: torch.device) -> torch.Tensor:
+        return torch.zeros(self.in_features, dtype=torch.float32, device=device)
 
-    @torch.no_grad()
-    def add(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
-        rows, samples = _token_rows(x, self.in_features, token_mask)
-        if self._total is None:
-            self._total = torch.zeros(self.in_features, dtype=torch.float32, device=rows.device)
+    def _accumulate(self, rows: torch.Tensor) -> None:
         self._total += rows.square().sum(dim=0)
-        self.nsamples += samples
 
-    def value(self) -> torch.Tensor:
-        if self._total is None or self.nsamples == 0:
-            raise RuntimeError("SquaredNormStat.value() called before any input was added")
-        return self._total / self.nsamples
+    def _scale(self) -> float:
+        return 1.0 / self.nsamples
 
 
-class HessianStat:
+class HessianStat(_InputStat):
     """SparseGPT's ``H = (2 / nsamples) * sum_tokens x x^T`` in fp32 (TF32 off, as the reference)."""
 
-    def __init__(self, in_features: int) -> None:
-        self.in_features = in_features
-        self.nsamples = 0
-        self._total: torch.Tensor | None = None
+    def _zeros(self, device: torch.device) -> torch.Tensor:
+        return torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=device)
 
-    @torch.no_grad()
-    def add(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
-        rows, samples = _token_rows(x, self.in_features, token_mask)
-        if self._total is None:
-            self._total = torch.zeros(
-                self.in_features, self.in_features, dtype=torch.float32, device=rows.device
-            )
+    def _accumulate(self, rows: torch.Tensor) -> None:
         with full_fp32_matmul():
             self._total.addmm_(rows.T, rows)
-        self.nsamples += samples
 
-    def value(self) -> torch.Tensor:
-        if self._total is None or self.nsamples == 0:
-            raise RuntimeError("HessianStat.value() called before any input was added")
-        return self._total * (2.0 / self.nsamples)
+    def _scale(self) -> float:
+        return 2.0 / self.nsamples
