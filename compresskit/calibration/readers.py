@@ -13,23 +13,17 @@ gets a one-line error at once instead of ``datasets``' retries.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from compresskit.calibration.registry import SourceDefinition
 from compresskit.errors import CalibrationError
+from compresskit.hub import hub_reachable
 
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
-HUB_CONNECT_TIMEOUT_S = 3.0
-_TRUE = {"1", "true", "yes", "on"}
 #: ``datasets`` builders that read local ``data_files`` and need no hub (``dataset: json`` in a YAML).
 LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
-_hub_probe: dict[str, bool] = {}
 
 
 def read_file_records(path_text: str) -> list[dict[str, Any]]:
@@ -96,40 +90,6 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
         return pq.read_table(path).to_pylist()
     except Exception as exc:  # pyarrow raises many types for corrupt files
         raise CalibrationError(f"cannot read parquet file {path}: {str(exc).splitlines()[0]}") from exc
-
-
-def _hub_host() -> tuple[str, int]:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    parsed = urlparse(endpoint)
-    return parsed.hostname or "huggingface.co", parsed.port or (80 if parsed.scheme == "http" else 443)
-
-
-def _probe(host: str, port: int, timeout: float) -> bool:
-    """TCP connect in a daemon thread: ``create_connection``'s timeout does not bound DNS."""
-    result = {"ok": False}
-
-    def attempt() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                result["ok"] = True
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=attempt, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return result["ok"]
-
-
-def hub_reachable() -> bool:
-    """False when offline mode is set or huggingface.co:443 does not answer within 3 s."""
-    if any(os.environ.get(var, "").strip().lower() in _TRUE for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
-        return False
-    host, port = _hub_host()
-    key = f"{host}:{port}"
-    if key not in _hub_probe:
-        _hub_probe[key] = _probe(host, port, HUB_CONNECT_TIMEOUT_S)
-    return _hub_probe[key]
 
 
 def read_hub_records(definition: SourceDefinition, label: str) -> Sequence[dict[str, Any]]:

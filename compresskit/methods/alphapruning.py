@@ -80,7 +80,6 @@ def run_alphapruning(job: PruneJob, config: AlphaConfig) -> MethodResult:
         details={"alpha_block_mean": block_alpha, "alpha_per_matrix": dict(zip(names, alphas)),
                  "magnitude_fallback": result["magnitude_fallback"]},
         timings={k: v for k, v in result.items() if k.endswith("_s")},
-        uses_calibration=job.pruner != "magnitude",
     )
 
 

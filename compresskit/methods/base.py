@@ -67,7 +67,6 @@ class MethodResult:
     details: dict = field(default_factory=dict)  # e.g. OWL's outlier ratios D per block
     structure: list[dict] = field(default_factory=list)  # module replacements, rebuilt on load
     timings: dict = field(default_factory=dict)
-    uses_calibration: bool = False
 
 
 @dataclass(frozen=True)

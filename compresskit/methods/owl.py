@@ -82,7 +82,6 @@ def run_owl(job: PruneJob, config: OWLConfig, name: str = "owl") -> MethodResult
         block_ratios=ratios,
         details=details,
         timings={k: v for k, v in result.items() if k.endswith("_s")},
-        uses_calibration=True,
     )
 
 

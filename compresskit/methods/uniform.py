@@ -20,7 +20,6 @@ def _run(job: PruneJob, config: NoOptions, name: str) -> MethodResult:
         block_ratios=[ratio] * n,
         details={"magnitude_fallback": details["magnitude_fallback"]},
         timings={k: v for k, v in details.items() if k.endswith("_s")},
-        uses_calibration=job.pruner != "magnitude",
     )
 
 

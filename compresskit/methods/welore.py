@@ -166,7 +166,6 @@ def run_welore(job: PruneJob, config: WeLoreConfig) -> MethodResult:
         details=details,
         structure=structure,
         timings={"singular_values_s": svd_s, "factorise_s": factorise_s},
-        uses_calibration=False,
     )
 
 

@@ -12,17 +12,16 @@ padded batches work with it because transformers ≥ 5 builds explicit 4-D masks
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import torch
 
 from compresskit.errors import InputError, ModelLoadError
+from compresskit.hub import offline_forced
 from compresskit.models.builtin import builtin_model_dir, is_builtin
 
 HUB_PROBE_TIMEOUT_S = 5.0
-_TRUE = {"1", "on", "yes", "true"}
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -116,18 +115,6 @@ def _check_local_dir(path: Path) -> None:
         )
 
 
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, read now (huggingface_hub reads them only at import)."""
-    if any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
-        return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except ImportError:
-        return False
-
-
 def _hub_access(repo_id: str, revision: str | None) -> dict:
     """Probe the Hub quickly; extra ``from_pretrained`` kwargs (``local_files_only``) or an error.
 
@@ -135,7 +122,7 @@ def _hub_access(repo_id: str, revision: str | None) -> dict:
     Hub cache; the error only comes when the model is not cached either.
     """
     not_found = f"model '{repo_id}' not found: not a local directory and the Hugging Face Hub is unreachable"
-    if not hub_offline():
+    if not offline_forced():
         from huggingface_hub import model_info
         from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
