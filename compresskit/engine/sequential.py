@@ -4,20 +4,22 @@ Protocol of the papers (methods.md §1.3): calibration inputs of block 0 are cap
 each block in order, statistics are collected on the block's current inputs, the method
 transforms the block, and the transformed block's outputs become the next block's inputs, so the
 errors of earlier blocks propagate as intended. Only the current block lives on the compute
-device; the rest of the model stays where it was loaded (normally CPU), so a model larger than
-GPU memory can be compressed. Forwards are batched (the references loop over samples one by one).
+device (``models.placement.onload``, the one placement seam); the rest of the model stays where it
+was loaded (normally CPU, or on disk for a lazily loaded model), so a model larger than GPU memory
+can be compressed. Forwards are batched (the references loop over samples one by one).
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
+from ..models.placement import onload
 from .capture import CapturedInputs, capture_block_inputs
 from .collect import InputStatsCollector, StatFactory
 
@@ -108,19 +110,13 @@ class SequentialRunner:
     # ------------------------------------------------------------------ capture
     def _capture(self) -> None:
         model, blocks = self.adapter.model, self.adapter.blocks
-        embeds = self.adapter.embedding_modules()
-        homes = [next(iter(m.parameters()), torch.empty(0)).device for m in embeds]
         t0 = time.perf_counter()
-        try:
-            for m in embeds:
-                m.to(self.device)
+        with ExitStack() as stack:
+            for m in self.adapter.embedding_modules():
+                stack.enter_context(onload(m, self.device))
             self._captured = capture_block_inputs(
                 model, blocks, self.input_ids, self.attention_mask, self.device, self.batch_size, self.store_device
             )
-        finally:
-            for m, home in zip(embeds, homes):
-                if home.type != "meta":
-                    m.to(home)
         self._inputs = self._captured.hidden
         self.timings.capture_s += time.perf_counter() - t0
 
@@ -147,23 +143,19 @@ class SequentialRunner:
         n = len(blocks)
         for i in range(n):
             t0 = time.perf_counter()
-            block = blocks[i]
-            home = next(iter(block.parameters())).device
-            block.to(self.device)
-            scope = self.block_context(i) if self.block_context is not None else nullcontext()
-            with scope:
-                ctx = BlockContext(self, i, block)
-                t1, f1 = time.perf_counter(), self.timings.forward_s
-                changed = visit(ctx)
-                # the visitor's own statistics forwards are counted in forward_s, not here
-                self.timings.transform_s += time.perf_counter() - t1 - (self.timings.forward_s - f1)
-            if changed or ctx.outputs is None:
-                t1 = time.perf_counter()
-                ctx.outputs = self._forward_block(block, i)
-                self.timings.forward_s += time.perf_counter() - t1
-            self._inputs = ctx.outputs
-            if home.type != "meta":
-                block.to(home)
+            with onload(blocks[i], self.device) as block:
+                scope = self.block_context(i) if self.block_context is not None else nullcontext()
+                with scope:
+                    ctx = BlockContext(self, i, block)
+                    t1, f1 = time.perf_counter(), self.timings.forward_s
+                    changed = visit(ctx)
+                    # the visitor's own statistics forwards are counted in forward_s, not here
+                    self.timings.transform_s += time.perf_counter() - t1 - (self.timings.forward_s - f1)
+                if changed or ctx.outputs is None:
+                    t1 = time.perf_counter()
+                    ctx.outputs = self._forward_block(block, i)
+                    self.timings.forward_s += time.perf_counter() - t1
+                self._inputs = ctx.outputs
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.timings.per_block_s.append(time.perf_counter() - t0)

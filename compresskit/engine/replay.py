@@ -1,0 +1,151 @@
+"""Calibration activations at every block boundary, for structural searches (FinerCut, CD-MoE).
+
+A greedy structural search scores many candidate edits of the model (a removed sublayer, a
+condensed MoE layer). Re-running the whole model for each candidate wastes the part before the
+first edited block, which is the same for every candidate. :class:`BlockReplay` runs the
+unmodified model once, block by block (only the current block on the compute device, through
+``models.placement.onload``), keeps the hidden state entering every block, and then answers
+"what does the model output if these modules are swapped for those?" by replaying from the
+first block the swap touches. Block calls (rotary embeddings, per-layer masks) are recorded once
+by ``capture_block_inputs``, exactly as the sequential engine does.
+
+Memory: ``num_blocks × nsamples × seqlen × hidden`` activations on ``store_device`` (CPU by
+default); the structural methods' calibration sets are small (FinerCut: 10 × 256 tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+
+import torch
+from torch import nn
+
+from ..models.placement import onload
+from .capture import CapturedInputs, capture_block_inputs
+
+
+def _block_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@contextmanager
+def swapped(model: nn.Module, swaps: Mapping[str, nn.Module]) -> Iterator[None]:
+    """Temporarily install ``swaps`` (full module path → replacement) in ``model``."""
+    originals: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for path, replacement in swaps.items():
+            parent_path, _, name = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            originals.append((parent, name, getattr(parent, name)))
+            setattr(parent, name, replacement)
+        yield
+    finally:
+        for parent, name, original in reversed(originals):
+            setattr(parent, name, original)
+
+
+class BlockReplay:
+    """Hidden states entering every block on a fixed calibration set, and replays from any block."""
+
+    def __init__(
+        self,
+        adapter,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        device: torch.device | str = "cpu",
+        batch_size: int = 8,
+        store_device: torch.device | str = "cpu",
+        progress=None,
+    ):
+        self.adapter = adapter
+        self.device = torch.device(device)
+        self.store_device = torch.device(store_device)
+        self.batch_size = max(1, int(batch_size))
+        self.input_ids = input_ids
+        self.attention_mask = attention_mask
+        self.progress = progress
+        self.captured: CapturedInputs | None = None
+        #: block_inputs[i][b]: hidden state entering block i for batch b (i == num_blocks: after the last block)
+        self.block_inputs: list[list[torch.Tensor]] = []
+
+    # ------------------------------------------------------------------ capture
+    @torch.no_grad()
+    def capture(self) -> "BlockReplay":
+        """Record every block's call and the unmodified model's hidden state at every boundary."""
+        adapter = self.adapter
+        with ExitStack() as stack:
+            for m in adapter.embedding_modules():
+                stack.enter_context(onload(m, self.device))
+            self.captured = capture_block_inputs(
+                adapter.model, adapter.blocks, self.input_ids, self.attention_mask, self.device,
+                self.batch_size, self.store_device,
+            )
+        hidden = list(self.captured.hidden)
+        self.block_inputs = [hidden]
+        n = adapter.num_blocks
+        for i in range(n):
+            hidden = self._run_block(i, hidden)
+            self.block_inputs.append(hidden)
+            if self.progress is not None:
+                self.progress(i + 1, n, adapter.block_name(i))
+        return self
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.block_inputs[0]) if self.block_inputs else 0
+
+    def token_mask(self, batch: int) -> torch.Tensor | None:
+        assert self.captured is not None
+        return self.captured.token_masks[batch]
+
+    def call(self, batch: int, block: int):
+        """The recorded extra args / kwargs of ``block`` for ``batch`` (hidden states excluded)."""
+        assert self.captured is not None
+        return self.captured.calls[batch][block]
+
+    # ------------------------------------------------------------------ replay
+    @torch.no_grad()
+    def _run_block(self, i: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        assert self.captured is not None
+        out = []
+        with onload(self.adapter.block(i), self.device) as block:
+            for b, h in enumerate(hidden):
+                call = self.captured.calls[b][i]
+                y = _block_output(block(h.to(self.device), *call.args, **call.kwargs))
+                out.append(y.to(self.store_device))
+        return out
+
+    @torch.no_grad()
+    def run_from(self, start: int, swaps: Mapping[str, nn.Module] | None = None,
+                 stop: int | None = None) -> list[torch.Tensor]:
+        """Hidden states after block ``stop - 1`` (default: the last block), running blocks
+        ``start .. stop-1`` from the recorded input of ``start`` with ``swaps`` installed."""
+        stop = self.adapter.num_blocks if stop is None else stop
+        hidden = self.block_inputs[start]
+        with swapped(self.adapter.model, swaps or {}):
+            for i in range(start, stop):
+                hidden = self._run_block(i, hidden)
+        return hidden
+
+    @torch.no_grad()
+    def head(self, hidden: list[torch.Tensor], logits: bool = True) -> list[torch.Tensor]:
+        """Apply the modules after the last block: final norm (and OPT's project_out), then the LM
+        head when ``logits``; returns one tensor per batch on ``store_device`` (fp32 logits)."""
+        modules = self.adapter.head_modules()
+        if not logits:
+            modules = modules[:-1]
+        out = []
+        with ExitStack() as stack:
+            for m in modules:
+                stack.enter_context(onload(m, self.device))
+            for h in hidden:
+                y = h.to(self.device)
+                for m in modules:
+                    y = m(y)
+                out.append((y.float() if logits else y).to(self.store_device))
+        return out
+
+    def release(self) -> None:
+        self.captured = None
+        self.block_inputs = []

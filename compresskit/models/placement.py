@@ -1,0 +1,55 @@
+"""Where a module's weights are while a method works on it: the one seam for device placement.
+
+Every piece of code that needs a block's (or the embeddings' / head's) weights as real tensors
+on the compute device asks for them through :func:`onload`, never with ``module.to(device)``:
+
+    with onload(block, device) as block:
+        ... run it, measure it, transform it in place ...
+
+Inside the context the module's parameters and buffers are real tensors on ``device``; on exit
+they go back where they were (CPU for a model in host memory). In-place changes made inside
+(pruned weights, replaced submodules) are kept. A model loaded lazily (its weights still on
+disk) is materialised here and released again on exit, so methods written against this seam
+work unchanged for models larger than host RAM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+def _home(module: nn.Module) -> torch.device | None:
+    tensor = next(iter(module.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(module.buffers()), None)
+    return None if tensor is None else tensor.device
+
+
+@contextmanager
+def onload(module: nn.Module, device: torch.device | str) -> Iterator[nn.Module]:
+    """Yield ``module`` with its weights on ``device``; put them back (or release them) on exit."""
+    device = torch.device(device)
+    lazy = lazy_hooks(module)
+    if lazy is not None:
+        materialise, release = lazy
+        materialise(module, device)
+        try:
+            yield module
+        finally:
+            release(module)
+        return
+    home = _home(module)
+    module.to(device)
+    try:
+        yield module
+    finally:
+        if home is not None and home.type != "meta" and home != device:
+            module.to(home)
+
+
+def lazy_hooks(module: nn.Module):
+    """The lazy loader's (materialise, release) pair for ``module``'s model, if it was loaded lazily."""
+    return getattr(module, "_compresskit_lazy", None)
