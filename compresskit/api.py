@@ -127,7 +127,8 @@ def prune(
     uses_calib = entry.needs_calibration(job, config)
     calib_record = None
     if uses_calib and job._calibration_data is not None:
-        calib_record = dict(calibration.to_dict(), hash=job._calibration_data.hash)
+        calib_record = dict(calibration.to_dict(), hash=job._calibration_data.hash,
+                            **job._calibration_data.provenance())
     hyper = {
         "sparsity": job.sparsity,
         "pattern": str(pat),
@@ -158,6 +159,7 @@ def prune(
         },
         structure=[*_inherited_structure(stages), *result.structure],
         loadable_with_transformers=not (result.structure or _inherited_structure(stages)),
+        form_reason=result.form_reason,
         dtype=str(next(model_obj.parameters()).dtype).removeprefix("torch."),
         timings={"load_s": load_s, "method_s": method_s, **result.timings},
     )

@@ -265,6 +265,10 @@ def inspect(
         out_console.print(f"calibration: {c.get('source')} {c.get('format')} {c.get('nsamples')}×{c.get('seqlen')} seed {c.get('seed')} (hash {c.get('hash')})")
     if manifest.structure:
         out_console.print(f"structure: {len(manifest.structure)} replaced module group(s); loads with compresskit.load only")
+    form = "stock transformers checkpoint (plain from_pretrained)" if manifest.loadable_with_transformers \
+        else "compresskit form (compresskit.load)"
+    out_console.print(f"form: {form}" + (f" — {manifest.form_reason}" if manifest.form_reason else ""),
+                      markup=False, emoji=False, highlight=False)
     _print_block_table(manifest, title="per-block sparsity")
 
 

@@ -49,6 +49,7 @@ class Manifest(BaseModel):
     structure: list[dict[str, Any]] = Field(default_factory=list)
     storage: str = "dense"
     loadable_with_transformers: bool = True
+    form_reason: str | None = None  # why the checkpoint is (or cannot be) in a stock transformers form
     dtype: str | None = None
     versions: dict[str, str] = Field(default_factory=library_versions)
     timings: dict[str, float] = Field(default_factory=dict)

@@ -66,6 +66,7 @@ class MethodResult:
     block_ratios: list[float] | None = None
     details: dict = field(default_factory=dict)  # e.g. OWL's outlier ratios D per block
     structure: list[dict] = field(default_factory=list)  # module replacements, rebuilt on load
+    form_reason: str | None = None  # structural methods: why the result is / is not a stock checkpoint
     timings: dict = field(default_factory=dict)
 
 

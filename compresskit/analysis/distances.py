@@ -1,0 +1,86 @@
+"""Distances between two models' outputs, as the structural methods' references compute them.
+
+All functions compare ``ref`` and ``new`` along the last dimension (a distribution per token) and
+return one float64 scalar tensor. Which dimension that is depends on the method:
+
+* FinerCut (methods.md §8.2) compares softmax distributions over the **vocabulary** (logits).
+  Its code computes ``½[kl_div(log p, m) + kl_div(log q, m)]`` with ``reduction="mean"``;
+  PyTorch's ``kl_div(input=log P, target=T)`` is KL(T‖P), so that is ½[KL(m‖p) + KL(m‖q)]
+  divided by batch·seq·vocab (``js_form="code"``), not the textbook ½[KL(p‖m) + KL(q‖m)]
+  (``js_form="textbook"``, mean over tokens).
+* CD-MoE (§7.2) compares softmax over the **hidden dimension** of hidden states: textbook JS
+  with ε = 1e-10 inside the logs, averaged over tokens (``F.kl_div(..., "batchmean")``).
+
+Padding: pass ``token_mask`` ([..., seq] bool, True = real token) to average over real tokens only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DISTANCES = ("js", "angular", "kl", "norm")
+JS_FORMS = ("code", "textbook")
+
+
+def _rows(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    x = x.double()
+    if token_mask is not None:
+        return x[token_mask.bool()]
+    return x.reshape(-1, x.shape[-1])
+
+
+def js_divergence(ref: torch.Tensor, new: torch.Tensor, token_mask: torch.Tensor | None = None,
+                  form: str = "textbook", eps: float = 0.0) -> torch.Tensor:
+    """Jensen–Shannon divergence between ``softmax(ref)`` and ``softmax(new)`` per row.
+
+    ``form="textbook"``: mean over rows of ½[KL(p‖m) + KL(q‖m)] (``eps`` added inside the logs,
+    CD-MoE uses 1e-10). ``form="code"``: FinerCut's ½[KL(m‖p) + KL(m‖q)] summed and divided by
+    rows·dim (its ``reduction="mean"``).
+    """
+    if form not in JS_FORMS:
+        raise ValueError(f"js form must be one of {JS_FORMS}, got {form!r}")
+    a, b = _rows(ref, token_mask), _rows(new, token_mask)
+    if form == "code":
+        log_p, log_q = F.log_softmax(a, dim=-1), F.log_softmax(b, dim=-1)
+        m = 0.5 * (log_p.exp() + log_q.exp())
+        return 0.5 * (F.kl_div(log_p, m, reduction="mean") + F.kl_div(log_q, m, reduction="mean"))
+    p, q = F.softmax(a, dim=-1), F.softmax(b, dim=-1)
+    m = 0.5 * (p + q)
+    log_m = (m + eps).log()
+    kl_pm = (p * ((p + eps).log() - log_m)).sum(-1)
+    kl_qm = (q * ((q + eps).log() - log_m)).sum(-1)
+    return (0.5 * (kl_pm + kl_qm)).mean()
+
+
+def kl_divergence(ref: torch.Tensor, new: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over rows of KL(softmax(ref) ‖ softmax(new))."""
+    a, b = _rows(ref, token_mask), _rows(new, token_mask)
+    log_p, log_q = F.log_softmax(a, dim=-1), F.log_softmax(b, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+def angular_distance(ref: torch.Tensor, new: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over rows of arccos(cosine similarity) / π, the cosine clamped to [-1, 1]."""
+    a, b = _rows(ref, token_mask), _rows(new, token_mask)
+    cos = F.cosine_similarity(a, b, dim=-1).clamp(-1.0, 1.0)
+    return (torch.arccos(cos) / torch.pi).mean()
+
+
+def norm_distance(ref: torch.Tensor, new: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Frobenius norm of the difference (FinerCut's ``norm``)."""
+    return torch.linalg.vector_norm(_rows(ref, token_mask) - _rows(new, token_mask))
+
+
+def distance(name: str, ref: torch.Tensor, new: torch.Tensor, token_mask: torch.Tensor | None = None,
+             js_form: str = "textbook", eps: float = 0.0) -> torch.Tensor:
+    """Dispatch by name: ``js`` | ``angular`` | ``kl`` | ``norm``."""
+    if name == "js":
+        return js_divergence(ref, new, token_mask, form=js_form, eps=eps)
+    if name == "angular":
+        return angular_distance(ref, new, token_mask)
+    if name == "kl":
+        return kl_divergence(ref, new, token_mask)
+    if name == "norm":
+        return norm_distance(ref, new, token_mask)
+    raise ValueError(f"unknown distance {name!r}; choose one of {DISTANCES}")
