@@ -1,19 +1,26 @@
-"""``load_calibration``: spec + tokenizer -> ``CalibrationData`` (from the cache when possible)."""
+"""``load_calibration``: spec + tokenizer -> ``CalibrationData`` (from the cache when possible).
+
+A ``fallbacks`` source (``auto``) is resolved here: its candidates are tried in order, skipping
+those that are unavailable (a file that does not exist, a Hub source while the Hub is
+unreachable) or fail to load; the data says which one was used and why the others were skipped.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import random
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from compresskit.calibration import cache, formats
 from compresskit.calibration.corpus import Corpus, open_corpus
-from compresskit.calibration.registry import parse_source
+from compresskit.calibration.registry import SourceDefinition, expand_fallback, parse_source
 from compresskit.calibration.spec import CalibrationSpec
+from compresskit.errors import CalibrationError
 
 
 @dataclass
@@ -34,6 +41,19 @@ class CalibrationData:
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
+
+    def provenance(self) -> dict[str, Any]:
+        """Manifest fields saying which data was really used, when the spec's ``source`` alone
+        does not: the source a fallback chain chose (``source_used``, ``fallback_skipped``) and
+        the label of shipped demo data (``source_label``). Empty for ordinary sources."""
+        info = self.source_info
+        out: dict[str, Any] = {}
+        if info.get("requested"):
+            out["source_used"] = info.get("used")
+            out["fallback_skipped"] = list(info.get("skipped") or [])
+        if info.get("label"):
+            out["source_label"] = info["label"]
+        return out
 
 
 def samples_hash(input_ids: torch.Tensor) -> str:
@@ -93,6 +113,8 @@ def _source_info(corpus: Corpus, used: list, pad_id: int | None) -> dict[str, An
         info["path"] = d.path
     else:
         info.update(dataset=d.dataset, config=d.config, split=d.split, revision=d.revision, data_files=d.data_files)
+    if d.label:
+        info["label"] = d.label
     info["sample_documents"] = used
     info["pad_token_id"] = pad_id
     return info
@@ -105,6 +127,8 @@ def load_calibration(spec: CalibrationSpec, tokenizer, use_cache: bool = True) -
     (source missing / unreachable / unsuitable), ``InputError`` (invalid spec values).
     """
     definition = parse_source(spec.source, text_field=spec.text_field, schema=spec.schema)
+    if definition.kind == "fallback":
+        return _load_first_available(spec, definition, tokenizer, use_cache)
     key = spec.key(cache.tokenizer_identity(tokenizer), definition.fingerprint())
     stamp = cache.file_stamp(definition.path) if definition.kind == "file" else None
     if use_cache:
@@ -135,3 +159,34 @@ def load_calibration(spec: CalibrationSpec, tokenizer, use_cache: bool = True) -
             },
         )
     return data
+
+
+def unavailable_reason(definition: SourceDefinition) -> str | None:
+    """Why a fallback candidate cannot be used right now (None: try it). Reads no data."""
+    from compresskit.calibration.readers import LOCAL_BUILDERS
+    from compresskit.hub import hub_reachable
+
+    if definition.kind == "file":
+        return None if Path(definition.path or "").is_file() else f"no file at {definition.path}"
+    if definition.kind == "hub" and definition.dataset not in LOCAL_BUILDERS and not hub_reachable():
+        return "the Hugging Face Hub is unreachable"
+    return None
+
+
+def _load_first_available(spec: CalibrationSpec, chain: SourceDefinition, tokenizer, use_cache: bool) -> CalibrationData:
+    skipped: list[str] = []
+    for candidate in chain.fallbacks:
+        source = expand_fallback(candidate)
+        try:
+            reason = unavailable_reason(parse_source(source, text_field=spec.text_field, schema=spec.schema))
+            if reason is None:
+                data = load_calibration(replace(spec, source=source), tokenizer, use_cache=use_cache)
+        except CalibrationError as exc:
+            reason = str(exc)
+        if reason is not None:
+            skipped.append(f"{source}: {reason}")
+            continue
+        data.spec = spec
+        data.source_info = {**data.source_info, "requested": spec.source, "used": source, "skipped": skipped}
+        return data
+    raise CalibrationError(f"calibration source {spec.source!r}: none of its sources is available ({'; '.join(skipped)})")

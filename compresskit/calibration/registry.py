@@ -7,6 +7,12 @@ file names the hub dataset (id, config, split, revision, data_files) and either 
 of the formats live in ``calibration/formats.yaml``; a source may override them (``templates``),
 as the reference does for the NLI and multiple-choice sets.
 
+Two more kinds of registered source need no Hub: ``package_file`` names a file shipped inside the
+package (``demo``: the public-domain sample in ``compresskit/demo_data/``, labelled as a demo in
+every manifest), and ``fallbacks`` lists other sources tried in order, the first available one
+being used and recorded (``auto``: the quickstart's chain Hub → local mirror → demo). A source a
+user names explicitly is never replaced by another one; only a ``fallbacks`` source falls back.
+
 Source strings: a registered name (``c4``), ``hf:<dataset>[:<config>]:<split>:<field>``
 (colons inside ``[...]`` belong to the split, e.g. ``train[:5000]``) or ``file:<path>``.
 """
@@ -23,7 +29,7 @@ from typing import Any
 import yaml
 
 from compresskit.errors import CalibrationError
-from compresskit.paths import calibration_defs_dir
+from compresskit.paths import calibration_defs_dir, shared_dir
 
 #: Keys a source YAML may hold, with what they mean.
 SOURCE_KEYS = {
@@ -40,7 +46,12 @@ SOURCE_KEYS = {
     "text_field": "column holding the document text (window format)",
     "fields": "question / answer / rationale: Jinja templates over one record",
     "templates": "qa / cot / zero: override of the prompt frames in formats.yaml",
+    "package_file": "a file shipped in compresskit/demo_data/ (instead of a Hub dataset)",
+    "label": "what manifests record and the terminal shows as the data's source (demo data says so)",
+    "fallbacks": "sources tried in order, the first available one is used (${COMPRESSKIT_SHARED_DIR} allowed)",
 }
+#: Written in a ``fallbacks`` entry, replaced by the shared data folder (``paths.shared_dir()``).
+SHARED_DIR_VARIABLE = "${COMPRESSKIT_SHARED_DIR}"
 TEMPLATE_NAMES = ("qa", "cot", "zero")
 
 
@@ -49,7 +60,7 @@ class SourceDefinition:
     """One resolved calibration source (registered, ``hf:`` or ``file:``)."""
 
     name: str
-    kind: str  # "hub" or "file"
+    kind: str  # "hub", "file" or "fallback"
     description: str = ""
     dataset: str | None = None
     config: str | None = None
@@ -63,6 +74,8 @@ class SourceDefinition:
     text_field: str | None = None
     fields: dict[str, str] = field(default_factory=dict)
     templates: dict[str, str] = field(default_factory=dict)
+    label: str | None = None
+    fallbacks: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,6 +105,10 @@ def _definition_from_yaml(name: str, path: Path) -> SourceDefinition:
     unknown = sorted(set(data) - set(SOURCE_KEYS))
     if unknown:
         raise CalibrationError(f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(SOURCE_KEYS)}")
+    if "fallbacks" in data:
+        return _fallback_definition(name, path, data)
+    if "package_file" in data:
+        return _package_file_definition(name, path, data)
     if not data.get("dataset"):
         raise CalibrationError(f"{path}: 'dataset' (the Hugging Face Hub id) is required")
     if not data.get("text_field") and not data.get("fields"):
@@ -120,6 +137,39 @@ def _definition_from_yaml(name: str, path: Path) -> SourceDefinition:
         fields=fields_,
         templates=templates,
     )
+
+
+def _fallback_definition(name: str, path: Path, data: dict[str, Any]) -> SourceDefinition:
+    chain = data["fallbacks"]
+    if not isinstance(chain, list) or not chain or not all(isinstance(c, str) and c.strip() for c in chain):
+        raise CalibrationError(f"{path}: 'fallbacks' must be a non-empty list of source strings")
+    extra = sorted(set(data) - {"description", "aliases", "fallbacks"})
+    if extra:
+        raise CalibrationError(f"{path}: a 'fallbacks' source takes only description and aliases, not {', '.join(extra)}")
+    return SourceDefinition(name=name, kind="fallback", description=str(data.get("description", "")),
+                            fallbacks=tuple(c.strip() for c in chain))
+
+
+def _package_file_definition(name: str, path: Path, data: dict[str, Any]) -> SourceDefinition:
+    from compresskit.demo_data import DEMO_DIR
+
+    extra = sorted(set(data) & {"dataset", "config", "split", "revision", "data_files", "streaming"})
+    if extra:
+        raise CalibrationError(f"{path}: 'package_file' is a local file; drop {', '.join(extra)}")
+    file = (DEMO_DIR / str(data["package_file"])).resolve()
+    if DEMO_DIR not in file.parents:
+        raise CalibrationError(f"{path}: package_file must name a file inside {DEMO_DIR}")
+    fields_ = {str(k): str(v) for k, v in (data.get("fields") or {}).items()}
+    return SourceDefinition(
+        name=name, kind="file", description=str(data.get("description", "")), path=str(file),
+        join=data.get("join"), text_field=data.get("text_field"), fields=fields_, templates={str(k): str(v) for k, v in (data.get("templates") or {}).items()},
+        label=str(data["label"]) if data.get("label") else None,
+    )
+
+
+def expand_fallback(candidate: str) -> str:
+    """A ``fallbacks`` entry with ``${COMPRESSKIT_SHARED_DIR}`` replaced by the shared data folder."""
+    return candidate.replace(SHARED_DIR_VARIABLE, str(shared_dir()))
 
 
 @functools.lru_cache(maxsize=8)
