@@ -164,7 +164,7 @@ def _import_structure_kinds() -> None:
     """Modules that define structure kinds register them on import."""
     import importlib
 
-    for module in ("compresskit.lowrank.structure", "compresskit.methods.structures"):
+    for module in ("compresskit.lowrank.structure", "compresskit.methods.structures", "compresskit.moe.structure"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError:

@@ -1,0 +1,125 @@
+"""CD-MoE's two greedy searches (methods.md §7.2, §7.3), on cached activations.
+
+**Experts, per MoE layer ℓ** (the other layers unchanged): grow E one expert at a time, adding
+the candidate c that minimises D(h_ref, h_E∪{c}), where h is the output of decoder block ℓ and
+D is by default the textbook Jensen–Shannon divergence over the *hidden* dimension with ε = 1e-10
+(``analysis.distances.js_divergence``), averaged over tokens:
+
+    h_E = r + Σ_{e∈E} avg_w[e] f_e(a) + S(a),   r = h_ref − MoE(a)
+
+where a is the MoE input and r the residual the block adds it to (both cached from one forward of
+the unmodified block), so a candidate costs one expert forward on the cached tokens, not a model
+forward. The order is greedy, so a smaller budget is a prefix.
+
+**Layers** (each condensed with its expert prefix): greedy over the MoE layers, adding the layer
+that minimises D on the final hidden state after the final norm, replayed by
+``engine.replay.BlockReplay.run_from(first changed block, swaps)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..analysis.distances import DISTANCES, distance as distance_fn
+from ..models.adapters.moe import MoEView
+from .condense import shared_output
+from .stats import expert_act, expert_forward
+
+JS_EPS = 1e-10  # CD-MoE's ε inside the logs
+
+
+def batched_distance(name: str, refs: list[torch.Tensor], news: list[torch.Tensor],
+                     masks: list[torch.Tensor | None]) -> float:
+    """D over all batches' real tokens: the token-weighted mean of per-batch means (js, kl, angular)
+    or the Frobenius norm of all differences (norm)."""
+    total, n = 0.0, 0
+    for ref, new, mask in zip(refs, news, masks):
+        rows = int(mask.sum()) if mask is not None else ref.numel() // ref.shape[-1]
+        if rows == 0:
+            continue
+        d = float(distance_fn(name, ref, new, mask, js_form="textbook", eps=JS_EPS))
+        total += d * d if name == "norm" else d * rows
+        n += rows
+    if name == "norm":
+        return math.sqrt(total)
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def greedy_experts(view: MoEView, inputs: list[torch.Tensor], outputs: list[torch.Tensor],
+                   block_outputs: list[torch.Tensor], masks: list[torch.Tensor | None], avg_w: list[float],
+                   budget: int, shared_gate: str, gate_mean: float | None, distance: str = "js",
+                   device="cpu") -> tuple[list[int], list[float]]:
+    """Greedy expert order of one MoE layer (length ``budget``) and the distance after each step.
+
+    ``inputs`` / ``outputs``: the MoE module's input and output per batch; ``block_outputs``: the
+    block's output per batch (the reference hidden state). Computed in fp32 on ``device``.
+    """
+    if budget <= 0:
+        return [], []
+    act = expert_act(view)
+    dev = torch.device(device)
+    xs = [x.to(dev, torch.float32) for x in inputs]
+    refs = [h.to(dev, torch.float32) for h in block_outputs]
+    ms = [None if m is None else m.to(dev) for m in masks]
+    # base = r + S(a): the block output with no routed expert condensed in
+    bases = [h - y.to(dev, torch.float32) + shared_output(view, x, shared_gate, gate_mean)
+             for h, y, x in zip(refs, outputs, xs)]
+    chosen: list[int] = []
+    dists: list[float] = []
+    for _ in range(min(budget, view.num_experts)):
+        best: tuple[float, int] | None = None
+        for c in range(view.num_experts):
+            if c in chosen:
+                continue
+            w = float(avg_w[c])
+            news = [b + w * expert_forward(view.experts[c], act, x) for b, x in zip(bases, xs)]
+            d = batched_distance(distance, refs, news, ms)
+            if best is None or d < best[0]:
+                best = (d, c)
+        d, c = best
+        chosen.append(c)
+        dists.append(d)
+        w = float(avg_w[c])
+        bases = [b + w * expert_forward(view.experts[c], act, x) for b, x in zip(bases, xs)]
+    return chosen, dists
+
+
+@torch.no_grad()
+def greedy_layers(replay, mlp_paths: dict[int, str], condensed: dict[int, nn.Module], budget: int,
+                  distance: str = "js", progress: Callable[[int, int, str], None] | None = None
+                  ) -> tuple[list[int], list[float]]:
+    """Greedy order of MoE blocks (length ``budget``) by D on the final hidden state after the final norm.
+
+    ``condensed[i]`` is block i's condensed module, swapped in at ``mlp_paths[i]``.
+    """
+    refs = replay.head(replay.block_inputs[-1], logits=False)
+    masks = [replay.token_mask(b) for b in range(replay.num_batches)]
+    chosen: list[int] = []
+    dists: list[float] = []
+    for step in range(min(budget, len(condensed))):
+        best: tuple[float, int] | None = None
+        for cand in sorted(condensed):
+            if cand in chosen:
+                continue
+            trial = [*chosen, cand]
+            swaps = {mlp_paths[i]: condensed[i] for i in trial}
+            hidden = replay.run_from(min(trial), swaps)
+            d = batched_distance(distance, refs, replay.head(hidden, logits=False), masks)
+            if best is None or d < best[0]:
+                best = (d, cand)
+        chosen.append(best[1])
+        dists.append(best[0])
+        if progress is not None:
+            progress(step + 1, budget, f"layer {best[1]} (D={best[0]:.3g})")
+    return chosen, dists
+
+
+def check_distance(name: str) -> str:
+    if name not in DISTANCES:
+        raise ValueError(f"unknown distance {name!r}; choose one of {', '.join(DISTANCES)}")
+    return name

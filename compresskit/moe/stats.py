@@ -1,0 +1,181 @@
+"""Per-(layer, expert) routing statistics from one calibration pass.
+
+For every MoE layer ℓ and routed expert e, over the calibration tokens (padding excluded):
+
+* ``count[e]``  = number of tokens routed to e (a token counts once per expert it is routed to);
+* ``sum_w[e]``  = Σ over those tokens of the routing weight g_e(x) the experts module receives;
+* ``avg_w[e]``  = sum_w / count: CD-MoE's static expert weight (methods.md §7.1, ``dynamic_weight.json``);
+* ``saliency[e]`` = (1/count) Σ g_e(x) · ‖f_e(x)‖₂: REAP's saliency (§7.7), f_e = the expert's output.
+
+The weights are the ones the layer really multiplies the expert outputs by (after top-k
+normalisation and DeepSeek's ``routed_scaling_factor``), read by a forward pre-hook on the
+layer's experts module, whose call is ``experts(hidden [T, H], top_k_index [T, k], top_k_weights
+[T, k])`` in every transformers-5 MoE family and in :class:`UnfusedExperts`. The layer is known by
+its module, not by a call counter (the reference's global ``global_layer % 27`` counter, §7.5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedArchitectureError
+from ..models.adapters.moe import ExpertView, MoEView
+
+
+@dataclass
+class ExpertStats:
+    """Routing statistics of one MoE layer (float64 accumulators, CPU)."""
+
+    num_experts: int
+    count: torch.Tensor = field(init=False)
+    sum_w: torch.Tensor = field(init=False)
+    sum_saliency: torch.Tensor = field(init=False)
+    tokens: int = 0  # real tokens that reached the layer
+
+    def __post_init__(self) -> None:
+        self.count = torch.zeros(self.num_experts, dtype=torch.float64)
+        self.sum_w = torch.zeros(self.num_experts, dtype=torch.float64)
+        self.sum_saliency = torch.zeros(self.num_experts, dtype=torch.float64)
+
+    @property
+    def avg_w(self) -> torch.Tensor:
+        """sum_w / count; 0 for an expert that received no token."""
+        return torch.where(self.count > 0, self.sum_w / self.count.clamp_min(1), torch.zeros_like(self.sum_w))
+
+    @property
+    def saliency(self) -> torch.Tensor:
+        """REAP: mean over routed tokens of g_e(x)·‖f_e(x)‖₂; 0 for an expert never routed to."""
+        return torch.where(self.count > 0, self.sum_saliency / self.count.clamp_min(1), torch.zeros_like(self.count))
+
+    def to_dict(self) -> dict:
+        return {"tokens": self.tokens, "count": [int(c) for c in self.count.tolist()],
+                "sum_w": self.sum_w.tolist(), "avg_w": self.avg_w.tolist(), "saliency": self.saliency.tolist()}
+
+
+def expert_act(view: MoEView) -> nn.Module:
+    """The activation the routed experts use (fused module's ``act_fn``, or the first expert's)."""
+    act = getattr(view.experts_module, "act_fn", None)
+    if act is None and len(view.experts_module) > 0:
+        act = getattr(view.experts_module[0], "act_fn", None)
+    if act is None:
+        raise UnsupportedArchitectureError(f"{view.path}: cannot find the experts' activation function (act_fn)")
+    return act
+
+
+def expert_forward(expert: ExpertView, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """f_e(x) = W_down · (act(W_gate x) ⊙ W_up x), in ``x``'s dtype (weights cast to it)."""
+    g = nn.functional.linear(x, expert.gate.to(x.dtype))
+    u = nn.functional.linear(x, expert.up.to(x.dtype))
+    return nn.functional.linear(act(g) * u, expert.down.to(x.dtype))
+
+
+def routing_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) from an experts-module call."""
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    values = list(args[:3]) + [kwargs.get(n) for n in names[len(args[:3]):]]
+    if len(values) < 3 or any(not isinstance(v, torch.Tensor) for v in values):
+        raise UnsupportedArchitectureError(
+            "the experts module is not called as experts(hidden, top_k_index, top_k_weights); "
+            "expert statistics need the transformers-5 MoE call convention")
+    return values[0], values[1], values[2]
+
+
+class ExpertStatsHook:
+    """Accumulates :class:`ExpertStats` for one MoE layer from its experts-module calls."""
+
+    def __init__(self, view: MoEView, saliency: bool = True, record_io: bool = False):
+        self.view = view
+        self.stats = ExpertStats(view.num_experts)
+        self.saliency = saliency
+        self.act = expert_act(view) if saliency else None
+        self.token_mask: torch.Tensor | None = None
+        #: with ``record_io``: the MoE module's input and output per batch (CPU), for CD-MoE's search
+        self.record_io = record_io
+        self.inputs: list[torch.Tensor] = []
+        self.outputs: list[torch.Tensor] = []
+        self.masks: list[torch.Tensor | None] = []
+        self._handles: list = []
+
+    def new_batch(self, token_mask: torch.Tensor | None) -> None:
+        self.token_mask = token_mask
+
+    @torch.no_grad()
+    def _hook(self, module, args, kwargs):
+        hidden, index, weights = routing_call(args, kwargs)
+        keep = None
+        if self.token_mask is not None and self.token_mask.numel() == hidden.shape[0]:
+            keep = self.token_mask.reshape(-1).to(hidden.device)
+        self.accumulate(hidden, index, weights, keep)
+
+    def accumulate(self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+                   keep: torch.Tensor | None) -> None:
+        s = self.stats
+        s.tokens += int(hidden.shape[0] if keep is None else keep.sum())
+        views = self.view.experts
+        for e in range(s.num_experts):
+            routed = index == e  # [T, k]
+            if keep is not None:
+                routed = routed & keep[:, None]
+            token_idx, slot = torch.where(routed)
+            if token_idx.numel() == 0:
+                continue
+            w = weights[token_idx, slot].double()
+            s.count[e] += token_idx.numel()
+            s.sum_w[e] += w.sum().cpu()
+            if self.saliency:
+                out = expert_forward(views[e], self.act, hidden[token_idx])
+                norms = torch.linalg.vector_norm(out.double(), dim=-1)
+                s.sum_saliency[e] += (w * norms).sum().cpu()
+
+    def _io_hook(self, module, args, output):
+        self.inputs.append(args[0].detach().cpu())
+        self.masks.append(None if self.token_mask is None else self.token_mask.cpu())
+        self.outputs.append((output[0] if isinstance(output, (tuple, list)) else output).detach().cpu())
+
+    def __enter__(self) -> "ExpertStatsHook":
+        self._handles.append(self.view.experts_module.register_forward_pre_hook(self._hook, with_kwargs=True))
+        if self.record_io:
+            self._handles.append(self.view.module.register_forward_hook(self._io_hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def collect_expert_stats(adapter, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                         device="cpu", batch_size: int = 8, saliency: bool = True,
+                         on_layer=None, progress=None, record_io: bool = False) -> dict[int, ExpertStats]:
+    """One sequential calibration pass over the unmodified model; block index -> :class:`ExpertStats`.
+
+    ``on_layer(ctx, view, hook)`` (optional) runs for each MoE block while it is on the device,
+    after its statistics are complete; with ``record_io`` the hook holds the MoE module's inputs
+    and outputs and ``ctx.outputs`` the block's (CD-MoE's per-layer expert search uses them).
+    """
+    from ..engine.sequential import SequentialRunner
+
+    found: dict[int, ExpertStats] = {}
+
+    def visit(ctx) -> bool:
+        view = adapter.moe(ctx.index)
+        if view is None:
+            return False
+        hook = ExpertStatsHook(view, saliency=saliency, record_io=record_io)
+        with hook:
+            ctx.forward(on_batch=hook.new_batch)
+        found[ctx.index] = hook.stats
+        if on_layer is not None:
+            on_layer(ctx, view, hook)
+        return False  # measured only: the unmodified outputs feed the next block
+
+    runner = SequentialRunner(adapter, input_ids, attention_mask, device=device, batch_size=batch_size,
+                              offload_activations=True, progress=progress)
+    try:
+        runner.run(visit)
+    finally:
+        runner.release()
+    return found
