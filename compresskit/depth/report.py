@@ -1,0 +1,67 @@
+"""The manifest record of a FinerCut run: what went, in which order, at what distance.
+
+``details["order"]`` lists every removal (step, block in the *original* numbering, type,
+module, distance at that step, parameters); ``details["per_layer"]`` has one row per original
+block with the step at which its attention / MLP went and its index after renumbering (None when
+the block was deleted). ``inspect --plot`` draws from these (``depth/plot.py``).
+"""
+
+from __future__ import annotations
+
+from .greedy import SearchResult
+
+
+def removal_details(*, config: dict, search: SearchResult, num_blocks: int, num_candidates: int, block_params: int,
+                    model_params: int, kept_blocks: list[int] | None, per_layer_config: dict, score_dtype: str,
+                    calibration=None) -> dict:
+    order = []
+    rows = [{"block": i, "attention": None, "mlp": None, "new_index": i} for i in range(num_blocks)]
+    sublayers = 0
+    for s in search.steps:
+        c = s.candidate
+        kinds = ("attention", "mlp") if c.kind == "block" else ("attention" if c.kind == "attn" else "mlp",)
+        for k in kinds:
+            rows[c.block][k] = s.step
+        sublayers += len(kinds)
+        order.append({"step": s.step, "block": c.block, "type": c.kind, "name": c.name, "distance": s.distance,
+                      "params": c.params, "scored": s.scored, "seconds": round(s.seconds, 3)})
+    if kept_blocks is not None:
+        new_of = {old: new for new, old in enumerate(kept_blocks)}
+        for row in rows:
+            row["new_index"] = new_of.get(row["block"])
+    removed_params = search.steps[-1].removed_params if search.steps else 0
+    calib_note = None
+    if calibration is not None:
+        calib_note = ("reference: the first nsamples·seqlen tokens of the WikiText-2 train stream, no sampling; "
+                      f"here: {calibration.spec.nsamples} × {calibration.spec.seqlen} tokens from "
+                      f"{calibration.spec.source!r} in the loader's {calibration.spec.format!r} format "
+                      f"(seed {calibration.spec.seed})")
+    return {
+        "level": config["level"],
+        "distance": config["distance"],
+        "js_form": config["js_form"] if config["distance"] == "js" else None,
+        "one_shot": config["one_shot"],
+        "prefix_cache": config["prefix_cache"],
+        "score_dtype": score_dtype,
+        "num_blocks": num_blocks,
+        "num_candidates": num_candidates,
+        "removed": len(search.steps),
+        "attention_removed": sum(1 for r in rows if r["attention"] is not None),
+        "mlp_removed": sum(1 for r in rows if r["mlp"] is not None),
+        "blocks_deleted": 0 if kept_blocks is None else num_blocks - len(kept_blocks),
+        "candidate_fraction": len(search.steps) / num_candidates,
+        "sublayer_fraction": sublayers / (2 * num_blocks),
+        "removed_params": removed_params,
+        "param_fraction_blocks": removed_params / block_params if block_params else 0.0,
+        "param_fraction_model": removed_params / model_params if model_params else 0.0,
+        "order": order,
+        "per_layer": rows,
+        "per_layer_config": per_layer_config,
+        "withheld_front_blocks": search.withheld_blocks,
+        "put_back_after": search.put_back_after,
+        "put_back_at_step": search.put_back_at_step,
+        "final_distance": search.final_distance,
+        "search": {"seconds": round(search.seconds, 3), "block_runs": search.block_runs,
+                   "full_forward_equivalents": round(search.block_runs / max(num_blocks, 1), 2)},
+        "calibration_note": calib_note,
+    }

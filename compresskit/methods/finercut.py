@@ -1,0 +1,171 @@
+"""FinerCut — fine-grained interpretable layer pruning (Zhang et al., 2024, arXiv 2405.18218).
+
+methods.md §8. Candidates are the 2L attention and MLP / MoE sublayers (``--level``: also whole
+blocks, attention only, MLP only); a greedy loop removes, one at a time, the candidate whose
+removal moves the model's next-token distributions least from the unpruned model's (JS
+divergence in the reference's code form by default), re-scoring after every removal, until
+``--remove`` of the candidates (or ``--remove-params`` of the blocks' parameters) are gone.
+The search runs in float32 as the reference does (``--score-dtype model`` to skip the cast).
+
+Removed sublayers are physically gone (``depth/removal.py``); blocks left without both sublayers
+are deleted and the rest renumbered, so a result made only of whole blocks is a stock
+checkpoint (``depth/blocks.py``). Calibration defaults are the paper's (WikiText-2, 10 × 256);
+the reference takes the *first* 2560 tokens of the train stream, the loader here draws windows
+(see the README's FinerCut section).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ..depth.blocks import check_config_rebuilds, delete_blocks, record_per_layer_config
+from ..depth.candidates import build_candidates, target_count
+from ..depth.greedy import OutputScorer, StopRule, greedy_search
+from ..depth.precision import float32_scoring
+from ..depth.removal import remove_sublayer, removed_kinds, sublayer_swaps
+from ..depth.report import removal_details
+from ..depth.structure import structure_entry
+from ..engine.replay import BlockReplay
+from ..errors import InputError
+from .base import MethodConfig, MethodResult, PruneJob, register
+
+#: The paper's calibration (methods.md §8.2): WikiText-2 train, 10 sequences of 256 tokens.
+CALIBRATION_DEFAULTS = {"source": "wikitext2", "nsamples": 10, "seqlen": 256}
+
+
+class FinerCutConfig(MethodConfig):
+    remove: float | None = Field(
+        None, gt=0, lt=1, json_schema_extra={"flag": "--remove"},
+        description="Fraction of the candidates to remove (of the 2L sublayers at --level sublayer), in (0, 1).",
+    )
+    remove_params: float | None = Field(
+        None, gt=0, lt=1, json_schema_extra={"flag": "--remove-params"},
+        description="Instead of --remove: stop once this fraction of the decoder blocks' parameters is removed.",
+    )
+    level: Literal["sublayer", "block", "attn", "mlp"] = Field(
+        "sublayer", json_schema_extra={"flag": "--level"},
+        description="Candidates: sublayer (attention + MLP/MoE, 2L), block (whole blocks), attn, mlp.",
+    )
+    distance: Literal["js", "angular", "kl", "norm"] = Field(
+        "js", json_schema_extra={"flag": "--distance"},
+        description="Distance between the unpruned and pruned vocabulary distributions.",
+    )
+    js_form: Literal["code", "textbook"] = Field(
+        "code", json_schema_extra={"flag": "--js-form"},
+        description="JS as the reference code computes it, ½[KL(m‖p)+KL(m‖q)]/vocab, or the textbook ½[KL(p‖m)+KL(q‖m)].",
+    )
+    exclude_front: float = Field(
+        0.0, ge=0, lt=1, json_schema_extra={"flag": "--exclude-front"},
+        description="Withhold the first int(2L·x/2)+1 blocks until int(N·x)+1 candidates are removed (reference -x; README: 0.4).",
+    )
+    keep: str | None = Field(
+        None, json_schema_extra={"flag": "--keep"},
+        description="Regex on full module names: matching candidates are never removed.",
+    )
+    one_shot: bool = Field(
+        False, json_schema_extra={"flag": "--one-shot"},
+        description="Ablation: score every candidate once on the unpruned model and remove in that order.",
+    )
+    prefix_cache: bool = Field(
+        True, json_schema_extra={"flag": "--prefix-cache"},
+        description="Replay each candidate from its own block using cached block inputs (--no-prefix-cache: from block 0).",
+    )
+    score_dtype: Literal["float32", "model"] = Field(
+        "float32", json_schema_extra={"flag": "--score-dtype"},
+        description="Run the search in float32 (the reference) or in the checkpoint's dtype.",
+    )
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        if (self.remove is None) == (self.remove_params is None):
+            raise ValueError("--method finercut needs exactly one of --remove R or --remove-params P, each in (0, 1)")
+        return self
+
+
+def _stop_rule(job: PruneJob, config: FinerCutConfig, candidates, num_level_candidates: int, block_params: int) -> StopRule:
+    if config.remove is not None:
+        count = target_count(num_level_candidates, config.remove)
+        if count < 1:
+            raise InputError(f"--remove {config.remove:g} removes nothing: there are {num_level_candidates} candidates "
+                             f"at --level {config.level} (the smallest useful value is {1 / num_level_candidates:.3g})")
+        if count > len(candidates):
+            raise InputError(f"--remove {config.remove:g} needs {count} removals but only {len(candidates)} candidates "
+                             f"are left after --keep")
+        return StopRule(count=count)
+    params = int(round(config.remove_params * block_params))
+    if sum(c.params for c in candidates) < params:
+        raise InputError(f"--remove-params {config.remove_params:g} asks for more parameters than the candidates hold")
+    return StopRule(params=max(params, 1))
+
+
+def _delete_empty_blocks(adapter, level: str, removed_blocks: set[int]) -> list[int] | None:
+    """Delete blocks that are now identities; returns the kept old indices (None: nothing deleted)."""
+    drop = set(removed_blocks) if level == "block" else {
+        i for i in range(adapter.num_blocks)
+        if len(removed_kinds(adapter, i)) == 2 and not any(True for _ in adapter.block(i).parameters())
+    }
+    return delete_blocks(adapter, drop) if drop else None
+
+
+def run_finercut(job: PruneJob, config: FinerCutConfig) -> MethodResult:
+    adapter = job.adapter
+    t0 = time.perf_counter()
+    num_level_candidates = len(build_candidates(adapter, config.level))
+    candidates = build_candidates(adapter, config.level, config.keep)
+    block_params = sum(p.numel() for p in adapter.blocks.parameters())
+    model_params = sum(p.numel() for p in job.model.parameters())
+    stop = _stop_rule(job, config, candidates, num_level_candidates, block_params)
+    data = job.calibration_data()
+    kind_of = (lambda c: "block") if config.level == "block" else (lambda c: c.kind)
+
+    def progress(done, total, label):
+        if job.progress is not None:
+            job.progress("finercut", done, total, label)
+
+    score_dtype = "float32" if config.score_dtype == "float32" else str(next(job.model.parameters()).dtype)
+    with float32_scoring(adapter, enabled=config.score_dtype == "float32"):
+        replay = BlockReplay(adapter, data.input_ids, data.attention_mask, device=job.device,
+                             batch_size=job.batch_size).capture()
+        scorer = OutputScorer(replay, config.distance, config.js_form)
+        search = greedy_search(
+            scorer, candidates, stop,
+            swaps_for=lambda c: sublayer_swaps(adapter, c.block, kind_of(c)),
+            apply=lambda c: remove_sublayer(adapter, c.block, kind_of(c)),
+            exclude_front=config.exclude_front, one_shot=config.one_shot,
+            prefix_cache=config.prefix_cache, progress=progress,
+        )
+        replay.release()
+    num_blocks = adapter.num_blocks
+    kept = _delete_empty_blocks(adapter, config.level, {s.candidate.block for s in search.steps})
+    skips = record_per_layer_config(adapter)
+    check_config_rebuilds(job.model, adapter)
+    structure = []
+    if skips:
+        structure = [structure_entry([int(i) for i, s in skips.items() if "attention" in s["skip"]],
+                                     [int(i) for i, s in skips.items() if "mlp" in s["skip"]])]
+        form_reason = ("blocks without their attention or MLP have no stock transformers form yet (transformers "
+                       "builds every sublayer even with per_layer_config 'skip', recorded in config.json); "
+                       "compresskit.load puts the removed sublayers' stubs back")
+    else:
+        form_reason = ("only whole blocks were removed: layers renumbered, num_hidden_layers lowered and every "
+                       "per-layer config field rewritten explicitly, so plain from_pretrained builds it")
+    details = removal_details(
+        config=config.model_dump(), search=search, num_blocks=num_blocks, num_candidates=num_level_candidates,
+        block_params=block_params, model_params=model_params, kept_blocks=kept, per_layer_config=skips,
+        score_dtype=score_dtype, calibration=data,
+    )
+    return MethodResult(
+        method="finercut", config=config.model_dump(), details=details, structure=structure,
+        form_reason=form_reason,
+        timings={"search_s": search.seconds, "finercut_s": time.perf_counter() - t0},
+    )
+
+
+register(
+    "finercut", FinerCutConfig,
+    "FinerCut: greedy removal of attention / MLP sublayers or whole blocks (--remove, --level, --distance)",
+    kind="structural",
+)(run_finercut)
