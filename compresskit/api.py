@@ -75,6 +75,7 @@ def prune(
     seqlen: int = 2048,
     seed: int = 0,
     num_incontext: int | None = None,
+    text_field: str | None = None,
     out: str | Path | None = None,
     force: bool = False,
     device: str = "auto",
@@ -110,8 +111,9 @@ def prune(
     job = build_job(
         model, tokenizer=tokenizer, dtype=dtype, revision=revision, device=dev, sparsity=sparsity, pattern=pat,
         pruner=pruner_name, calib=calib, calib_format=calib_format, nsamples=nsamples, seqlen=seqlen, seed=seed,
-        num_incontext=num_incontext, batch_size=batch_size, offload_activations=offload_activations,
-        include=include, exclude=exclude, pruner_options=pruner_options, progress=progress,
+        num_incontext=num_incontext, text_field=text_field, batch_size=batch_size,
+        offload_activations=offload_activations, include=include, exclude=exclude, pruner_options=pruner_options,
+        progress=progress,
     )
     load_s = time.perf_counter() - t0
     model_obj, tok, adapter, calibration = job.model, job.tokenizer, job.adapter, job.calibration
@@ -177,13 +179,24 @@ def prune(
 def build_job(
     model, *, tokenizer=None, dtype="auto", revision=None, device="auto", sparsity=None, pattern="unstructured",
     pruner="wanda", calib="c4", calib_format="window", nsamples=128, seqlen=2048, seed=0, num_incontext=None,
-    batch_size=8, offload_activations=False, include=None, exclude=None, pruner_options=None, progress=None,
+    text_field=None, batch_size=8, offload_activations=False, include=None, exclude=None, pruner_options=None,
+    progress=None,
 ) -> PruneJob:
-    """Load the model (unless given one), find its adapter, and gather the shared options."""
+    """Load the model (unless given one), find its adapter, and gather the shared options.
+
+    Options are validated before the model is loaded (``seqlen`` against the model's position
+    limit when calibration data is first needed: ``PruneJob.calibration_data``)."""
     from .calibration import CalibrationSpec
     from .models import get_adapter, load_model
 
     pat = Pattern.parse(pattern)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
+    spec_kwargs = dict(source=calib, format=calib_format, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                       text_field=text_field)
+    if num_incontext is not None:
+        spec_kwargs["num_incontext"] = num_incontext
+    calibration = CalibrationSpec(**spec_kwargs)
     if isinstance(model, str) and (Path(model).expanduser() / MANIFEST_NAME).is_file():
         # A compresskit checkpoint as input (a second stage): rebuild its replaced modules too.
         model_obj, tok = load_with_tokenizer(model, dtype=None if dtype == "auto" else _torch_dtype(dtype))
@@ -191,9 +204,6 @@ def build_job(
         model_obj, tok = load_model(model, dtype=dtype, device="cpu", revision=revision)
     else:
         model_obj, tok = model, tokenizer
-    spec_kwargs = dict(source=calib, format=calib_format, nsamples=nsamples, seqlen=seqlen, seed=seed)
-    if num_incontext is not None:
-        spec_kwargs["num_incontext"] = num_incontext
     return PruneJob(
         model=model_obj,
         tokenizer=tok,
@@ -202,7 +212,7 @@ def build_job(
         sparsity=sparsity if pat.kind == "unstructured" else pat.sparsity,
         pattern=pat,
         pruner=pruner,
-        calibration=CalibrationSpec(**spec_kwargs),
+        calibration=calibration,
         batch_size=batch_size,
         offload_activations=offload_activations,
         include=include,

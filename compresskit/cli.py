@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import api
+from .commands.console import console as _console
 from .commands.progress import PhaseProgress
 from .errors import CompressKitError, InputError
 
@@ -27,8 +28,9 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Compress large language models: OWL, AlphaPruning, Wanda, SparseGPT, magnitude, WeLore, ...",
 )
-err_console = Console(stderr=True)
-out_console = Console()
+# Markup and emoji off: user text (paths, sources, messages) prints exactly as typed.
+err_console = _console(stderr=True)
+out_console = _console()
 
 
 # --------------------------------------------------------------------------- method options
@@ -103,6 +105,7 @@ def prune(
     pruner: Optional[str] = typer.Option(None, help="Within-matrix criterion for allocation methods: magnitude | wanda | sparsegpt."),
     calib: str = typer.Option("c4", help="Calibration source: c4, wikitext2, pile, gsm8k, ..., hf:DS[:CFG]:SPLIT:FIELD, file:PATH."),
     calib_format: str = typer.Option("window", help="window | icl | cot | single | zero."),
+    text_field: Optional[str] = typer.Option(None, "--text-field", help="Text column of --calib records (file / hf sources) [default: text]."),
     nsamples: int = typer.Option(128, help="Calibration samples."),
     seqlen: int = typer.Option(2048, help="Calibration sequence length (tokens)."),
     seed: int = typer.Option(0, help="Calibration sampling seed."),
@@ -128,15 +131,45 @@ def prune(
         outcome = api.prune(
             model, method, sparsity=sparsity, pattern=pattern, pruner=pruner, calib=calib,
             calib_format=calib_format, nsamples=nsamples, seqlen=seqlen, seed=seed,
-            num_incontext=num_incontext, out=out, force=force, device=device, dtype=dtype,
+            num_incontext=num_incontext, text_field=text_field, out=out, force=force, device=device, dtype=dtype,
             batch_size=batch_size, offload_activations=offload_activations, include=include,
             exclude=exclude, revision=revision, method_options=options, pruner_options=pruner_options,
             progress=progress,
         )
+    if not quiet:
+        _note_calibration_source(outcome.manifest.calibration)
     if json_out:
         print(json.dumps(outcome.summary(), indent=2))
     elif not quiet:
         _print_block_table(outcome.manifest, title=f"{method} → {outcome.out}")
+
+
+def _note_calibration_source(calibration: dict | None) -> None:
+    """Say on stderr which data calibrated the model when it is not simply what --calib named:
+    the source an `auto` chain chose (and why it skipped the others) or shipped demo data."""
+    if not calibration or not (calibration.get("source_used") or calibration.get("source_label")):
+        return
+    used = calibration.get("source_label") or calibration.get("source_used")
+    if calibration.get("source_used"):
+        used = f"{used} [--calib {calibration.get('source')} chose {calibration['source_used']}]"
+    skipped = calibration.get("fallback_skipped") or []
+    err_console.print(f"note: calibration data: {used}" + (f"; skipped {'; '.join(skipped)}" if skipped else ""),
+                      soft_wrap=True)
+
+
+def _note_perplexity_sources(*results) -> None:
+    """Say on stderr (once per dataset) which text a perplexity used when `--ppl auto` chose it
+    or when it is the shipped demo text, not a real benchmark."""
+    lines: list[str] = []
+    for result in results:
+        for key, p in (result.perplexity if result is not None else {}).items():
+            if p.requested or key == "demo":
+                chose = f" [--ppl {p.requested} chose {key}" + (f"; skipped {p.fallback}]" if p.fallback else "]")
+                line = f"note: {key} perplexity: text from {p.source}" + (chose if p.requested else "")
+                if line not in lines:
+                    lines.append(line)
+    for line in lines:
+        err_console.print(line, soft_wrap=True)
 
 
 def _print_rank_plan(manifest, title: str) -> None:
@@ -236,6 +269,8 @@ def eval_(
             dense = evaluate(dense_target, progress=progress, **settings)
             dense.extra["baseline_of"] = str(path)
         result = evaluate(target, progress=progress, **settings)
+    if not quiet and json_path != "-":
+        _note_perplexity_sources(dense, result)
     if json_path == "-":
         data = result.model_dump(mode="json")
         print(json.dumps({"baseline": dense.model_dump(mode="json"), "result": data} if dense else data, indent=2))
@@ -258,11 +293,12 @@ def inspect(
     if json_out:
         print(json.dumps(manifest.model_dump(), indent=2))
         return
-    out_console.print(f"[bold]{path}[/bold]: {manifest.method} on {manifest.base_model} (created {manifest.created})")
+    out_console.print(Text.assemble((str(path), "bold"), f": {manifest.method} on {manifest.base_model} (created {manifest.created})"))
     out_console.print("hyperparameters: " + ", ".join(f"{k}={v}" for k, v in manifest.hyperparameters.items() if v is not None))
     if manifest.calibration:
         c = manifest.calibration
-        out_console.print(f"calibration: {c.get('source')} {c.get('format')} {c.get('nsamples')}×{c.get('seqlen')} seed {c.get('seed')} (hash {c.get('hash')})")
+        used = f" → {c.get('source_label') or c.get('source_used')}" if c.get("source_label") or c.get("source_used") else ""
+        out_console.print(f"calibration: {c.get('source')}{used} {c.get('format')} {c.get('nsamples')}×{c.get('seqlen')} seed {c.get('seed')} (hash {c.get('hash')})")
     if manifest.structure:
         out_console.print(f"structure: {len(manifest.structure)} replaced module group(s); loads with compresskit.load only")
     form = "stock transformers checkpoint (plain from_pretrained)" if manifest.loadable_with_transformers \
@@ -296,6 +332,26 @@ def _quiet_libraries() -> None:
         transformers.utils.logging.disable_progress_bar()
     except Exception:  # pragma: no cover - transformers missing is reported by the command itself
         pass
+    _show_our_warnings_as_lines()
+
+
+def _show_our_warnings_as_lines() -> None:
+    """``CompressKitWarning``s print as one ``warning: ...`` line on stderr (no file:line, no source)."""
+    import warnings
+
+    from .errors import CompressKitWarning
+
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CompressKitWarning):
+            err_console.print(f"warning: {message}", soft_wrap=True)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    if not getattr(previous, "_compresskit", False):  # install once per process
+        show._compresskit = True  # type: ignore[attr-defined]
+        warnings.showwarning = show
 
 
 def _click_exceptions():

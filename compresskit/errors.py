@@ -42,6 +42,10 @@ class RecipeError(CompressKitError):
     """A recipe file is invalid; the message names the field and line."""
 
 
+class CompressKitWarning(UserWarning):
+    """Something the user should know but that does not stop the run; the CLI prints ``warning: ...``."""
+
+
 class CheckFailed(CompressKitError):
     """A quality / size / speed threshold of a recipe was violated."""
 

@@ -26,7 +26,8 @@ from .evaluation.results import Efficiency, EvalResult, ModelInfo, PerplexityRes
 from .models.loading import resolve_device, resolve_dtype
 
 Progress = Callable[[str, int, int, str], None]
-PPL_DATASETS = ("wikitext2", "c4")
+#: ``demo``: the shipped public-domain sample; ``auto``: WikiText-2, else ``demo`` (keyed by the one used).
+PPL_DATASETS = ("wikitext2", "c4", "demo", "auto")
 
 
 # ----------------------------------------------------------------------------- what is evaluated
@@ -54,7 +55,7 @@ def manifest_summary(manifest: Manifest) -> dict:
         "hyperparameters": {k: v for k, v in manifest.hyperparameters.items() if v is not None},
         "sparsity": manifest.sparsity.get("overall"),
         "parameters": dict(manifest.parameters),
-        "calibration": {k: calib[k] for k in ("source", "format", "nsamples", "seqlen", "seed", "hash") if k in calib}
+        "calibration": {k: calib[k] for k in ("source", "source_used", "source_label", "format", "nsamples", "seqlen", "seed", "hash") if k in calib}
         or None,
         "structure_entries": len(manifest.structure),
         "created": manifest.created,
@@ -111,10 +112,12 @@ def ppl_requests(ppl: str | Sequence[str] | None, ppl_files: Iterable[str | Path
             spec = spec if spec.startswith("file:") else f"file:{spec}"
             key = re.sub(r"[^A-Za-z0-9_]+", "_", Path(spec.removeprefix("file:")).stem).strip("_") or "file"
         else:
-            raise InputError(f"unknown perplexity dataset {spec!r}; use wikitext2, c4 or a file (--ppl-file PATH)")
+            raise InputError(f"unknown perplexity dataset {spec!r}; use wikitext2, c4, demo, auto or a file (--ppl-file PATH)")
         if key in out and out[key] != spec:
             raise InputError(f"two perplexity files are both named {key!r} ({out[key]} and {spec}); rename one")
         out[key] = spec
+    if "auto" in out and ({"wikitext2", "demo"} & set(out)):
+        raise InputError("--ppl auto already means wikitext2, else demo; drop auto or the other one")
     return out
 
 
@@ -180,6 +183,10 @@ def evaluate(
     batch_size = _parse_batch_size(batch_size)
     if seqlen < 1:
         raise InputError(f"--seqlen must be at least 1, got {seqlen}")
+    if max_windows is not None and max_windows < 1:
+        raise InputError(f"--max-windows must be at least 1 (omit it for all windows), got {max_windows}")
+    if ppl_batch_size < 1:
+        raise InputError(f"--ppl-batch-size must be at least 1, got {ppl_batch_size}")
     dev = resolve_device(device)
     extra: dict[str, Any] = {}
     if baseline:
@@ -189,11 +196,15 @@ def evaluate(
     meter = peak_memory(dev) if efficiency else nullcontext()
     with meter as peak:
         model, tok, info, folder = _load(path_or_model, tokenizer, device=dev, dtype=dtype, revision=revision)
+        if ppl_specs:
+            from .models.context import check_seqlen
+
+            check_seqlen(model, seqlen)
         result = EvalResult(model=info, device=str(dev), extra=extra,
                             dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
         for key, spec in ppl_specs.items():
-            result.perplexity[key] = _perplexity(model, tok, key, spec, seqlen, max_windows, ppl_batch_size, dev,
-                                                 progress)
+            scored = _perplexity(model, tok, key, spec, seqlen, max_windows, ppl_batch_size, dev, progress)
+            result.perplexity[scored.dataset if spec == "auto" else key] = scored
         if task_names:
             from .evaluation.lmeval import run_lm_eval
 

@@ -47,11 +47,13 @@ class FinetuneSettings:
     lr: float = 5e-5
     batch_size: int = 4
     seqlen: int = 512
-    warmup: int = 100
+    #: None: ``default_warmup(steps)`` = min(100, 10 % of the steps), resolved at construction.
+    warmup: int | None = None
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     data_format: str = "window"
+    text_field: str | None = None
     seed: int = 0
     grad_checkpointing: bool = False
     eval_data: str | None = None
@@ -62,6 +64,10 @@ class FinetuneSettings:
     # Changing these does not change the trained weights, so a resumed run may change them.
     CADENCE = ("grad_checkpointing", "eval_data", "eval_every", "eval_windows", "save_every")
 
+    def __post_init__(self) -> None:
+        if self.warmup is None and isinstance(self.steps, int) and not isinstance(self.steps, bool):
+            object.__setattr__(self, "warmup", default_warmup(self.steps))
+
     def validate(self) -> None:
         if not self.data:
             raise InputError("pass --data SOURCE (a calibration source such as file:corpus.jsonl or c4)")
@@ -71,7 +77,7 @@ class FinetuneSettings:
                 raise InputError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
         if not self.lr > 0:
             raise InputError(f"--lr must be > 0, got {self.lr:g}")
-        if not 0 <= self.warmup <= self.steps:
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or not 0 <= self.warmup <= self.steps:
             raise InputError(f"--warmup must be in [0, --steps {self.steps}], got {self.warmup}; e.g. --warmup {self.steps // 10}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise InputError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio:g}")
@@ -81,6 +87,11 @@ class FinetuneSettings:
     def resume_key(self) -> dict[str, Any]:
         """The settings a saved training state must share with the run that resumes it."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.CADENCE}
+
+
+def default_warmup(steps: int) -> int:
+    """Warmup steps when none are given: 100 (the reference's) but never more than 10 % of the run."""
+    return max(0, min(100, steps // 10))
 
 
 @dataclass
@@ -110,11 +121,11 @@ def training_windows(settings: FinetuneSettings, tokenizer) -> tuple[torch.Tenso
     ids, masks, records = [], [], []
     for source in settings.data:
         spec = CalibrationSpec(source=source, format=settings.data_format, nsamples=per_source,
-                               seqlen=settings.seqlen, seed=settings.seed)
+                               seqlen=settings.seqlen, seed=settings.seed, text_field=settings.text_field)
         calib = load_calibration(spec, tokenizer)
         ids.append(calib.input_ids)
         masks.append(calib.attention_mask)
-        records.append(dict(spec.to_dict(), hash=calib.hash))
+        records.append(dict(spec.to_dict(), hash=calib.hash, **calib.provenance()))
     # Row r comes from source r mod S, so every batch mixes the sources.
     input_ids = torch.stack(ids, dim=1).reshape(-1, settings.seqlen)[:total]
     mask = None
@@ -226,9 +237,7 @@ def finetune(
     t_start = time.perf_counter()
     settings.validate()
     checkpoint = Path(checkpoint).expanduser()
-    source_manifest = Manifest.read(checkpoint)
-    if not any(entry.get("kind") == "lowrank" for entry in source_manifest.structure):
-        raise InputError(NOTHING_TO_TRAIN)
+    source_manifest = _read_input_manifest(checkpoint)
     check_output_dir(out, force, input_path=checkpoint)
     state_dir = state_dir_for(out)
     if state_dir.exists() and not resume:
@@ -241,6 +250,9 @@ def finetune(
 
     t0 = time.perf_counter()
     model, tokenizer = load_with_tokenizer(checkpoint)
+    from .models.context import check_seqlen
+
+    check_seqlen(model, settings.seqlen)
     trainable = lowrank_parameters(model)
     if not trainable:
         raise InputError(NOTHING_TO_TRAIN)
@@ -311,6 +323,26 @@ def finetune(
     manifest.timings["total_s"] = time.perf_counter() - t_start
     manifest.write(out_path)
     return FinetuneOutcome(model=model, tokenizer=tokenizer, manifest=manifest, out=out_path, losses=losses, evals=evals)
+
+
+def _read_input_manifest(checkpoint: Path) -> Manifest:
+    """The input's manifest, or the real reason it cannot be fine-tuned (missing, not a
+    checkpoint, a structure this version cannot rebuild, no low-rank factors)."""
+    from .checkpoint.io import known_structure_kinds
+
+    if not checkpoint.exists():
+        raise InputError(f"checkpoint {checkpoint} does not exist; give a directory written by compresskit prune --method welore")
+    if not checkpoint.is_dir():
+        raise InputError(f"checkpoint {checkpoint} is not a directory; give a directory written by compresskit prune --method welore")
+    manifest = Manifest.read(checkpoint)
+    kinds = [entry.get("kind") for entry in manifest.structure]
+    unknown = sorted({str(k) for k in kinds if k not in known_structure_kinds()})
+    if unknown:
+        raise InputError(f"{checkpoint}: unknown structure kind(s) {', '.join(unknown)} in its manifest "
+                         "(written by a newer compresskit?); upgrade compresskit to fine-tune it")
+    if "lowrank" not in kinds:
+        raise InputError(NOTHING_TO_TRAIN)
+    return manifest
 
 
 def measure_full_finetune(checkpoint: Path, settings: FinetuneSettings, device, ids, mask, steps: int) -> dict:

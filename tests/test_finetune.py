@@ -141,7 +141,7 @@ def test_a_checkpoint_without_factors_has_nothing_to_finetune(cli, tiny_model_di
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--steps", "10"], "--warmup must be in [0, --steps 10]"),  # default warmup 100
+        (["--steps", "10", "--warmup", "11"], "--warmup must be in [0, --steps 10]"),
         (["--steps", "0", "--warmup", "0"], "--steps must be an integer >= 1"),
         (["--steps", "5", "--warmup", "0", "--lr", "0"], "--lr must be > 0"),
     ],

@@ -129,7 +129,7 @@ class Corpus:
             have = ", ".join(self.fields_of_first()) or "none"
             raise CalibrationError(
                 f"calibration source {self.label} has no question/answer fields (its records have: {have}); "
-                "use format window, a file with 'question' and 'answer', or --calib-schema NAME"
+                "use format window (the text column: --text-field NAME) or a file whose records have 'question' and 'answer'"
             )
         return fields
 

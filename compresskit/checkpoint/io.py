@@ -164,7 +164,8 @@ def _import_structure_kinds() -> None:
     """Modules that define structure kinds register them on import."""
     import importlib
 
-    for module in ("compresskit.lowrank.structure", "compresskit.methods.structures", "compresskit.moe.structure"):
+    for module in ("compresskit.lowrank.structure", "compresskit.methods.structures", "compresskit.moe.structure",
+                   "compresskit.depth.structure"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError:

@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print the comparison rows as JSON."),
     ):
         """Compare evaluation results: Δ, relative Δ and retention % against the first file."""
-        from rich.console import Console
+        from compresskit.commands.console import console
 
         from compresskit.evaluation.compare import render_markdown, render_table
 
@@ -49,4 +49,4 @@ def register(app: typer.Typer) -> None:
         elif markdown:
             print(text, end="")
         else:
-            Console().print(render_table(comparison))
+            console().print(render_table(comparison))

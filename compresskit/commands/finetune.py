@@ -7,38 +7,10 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-
-class _Bar:
-    """One rich progress row for the training steps (label: loss, lr, last eval ppl)."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self._progress = None
-        self._task = None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TextColumn("{task.fields[label]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                      console=Console(stderr=True))
-            self._progress.__enter__()
-        return self
-
-    def __call__(self, phase: str, done: int, total: int, label: str = "") -> None:
-        if self._progress is None:
-            return
-        if self._task is None:
-            self._task = self._progress.add_task(phase, total=total, label=label)
-        self._progress.update(self._task, completed=done, total=total, label=label)
-
-    def __exit__(self, *exc):
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
+from .console import console as make_console
+from .progress import PhaseProgress
 
 
 def _mib(n: int | None) -> str:
@@ -55,11 +27,12 @@ def register(app: typer.Typer) -> None:
         lr: float = typer.Option(5e-5, help="Peak learning rate (WeLore: 5e-5)."),
         batch_size: int = typer.Option(4, help="Windows per step."),
         seqlen: int = typer.Option(512, help="Tokens per window."),
-        warmup: int = typer.Option(100, help="Linear warmup steps (must be <= --steps)."),
+        warmup: Optional[int] = typer.Option(None, help="Linear warmup steps, <= --steps [default: min(100, 10% of --steps)]."),
         min_lr_ratio: float = typer.Option(0.1, help="Cosine decays to this fraction of --lr."),
         weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
         max_grad_norm: Optional[float] = typer.Option(1.0, help="Gradient clipping norm."),
         data_format: str = typer.Option("window", help="Calibration format of --data (window | icl | cot | single | zero)."),
+        text_field: Optional[str] = typer.Option(None, "--text-field", help="Text column of --data records [default: text]."),
         grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations in backward (less memory)."),
         eval_data: Optional[str] = typer.Option(None, help="Held-out perplexity text: wikitext2 | c4 | file:PATH (none: no eval)."),
         eval_every: int = typer.Option(100, help="Evaluate every N steps (and at the start and end)."),
@@ -81,10 +54,10 @@ def register(app: typer.Typer) -> None:
         settings = FinetuneSettings(
             data=tuple(data), steps=steps, lr=lr, batch_size=batch_size, seqlen=seqlen, warmup=warmup,
             min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-            data_format=data_format, seed=seed, grad_checkpointing=grad_checkpointing, eval_data=eval_data,
+            data_format=data_format, text_field=text_field, seed=seed, grad_checkpointing=grad_checkpointing, eval_data=eval_data,
             eval_every=eval_every, eval_windows=eval_windows, save_every=save_every,
         )
-        with _Bar(enabled=not (quiet or json_out)) as bar:
+        with PhaseProgress(enabled=not (quiet or json_out), eta=True) as bar:
             outcome = run(checkpoint, out, settings, device=device, dtype=dtype, resume=resume, force=force,
                           compare_full=compare_full, compare_steps=compare_steps, progress=bar)
         summary = outcome.summary()
@@ -93,7 +66,7 @@ def register(app: typer.Typer) -> None:
             return
         if quiet:
             return
-        console = Console()
+        console = make_console()
         table = Table(title=f"LRC-only fine-tune → {outcome.out}")
         table.add_column("")
         table.add_column("low-rank factors only", justify="right")

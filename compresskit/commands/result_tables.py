@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.table import Table
+from rich.text import Text
 
 from compresskit.evaluation.checks import CheckOutcome
 from compresskit.evaluation.compare import compare, format_value
@@ -46,5 +47,5 @@ def checks_table(checks: list[CheckOutcome]) -> Table:
     for c in checks:
         observed = f"{c.observed:.6g}" + (f" ({c.value:.6g} / {c.baseline:.6g})" if c.baseline is not None else "")
         table.add_row(c.metric, c.rule, f"{c.threshold:g}", observed,
-                      "[green]pass[/green]" if c.passed else "[bold red]FAIL[/bold red]")
+                      Text("pass", style="green") if c.passed else Text("FAIL", style="bold red"))
     return table

@@ -35,15 +35,14 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     ):
         """Run a recipe: compress every stage, save, evaluate, compare with the dense model, check thresholds."""
-        from rich.console import Console
-
+        from compresskit.commands.console import console as make_console
         from compresskit.commands.progress import PhaseProgress
         from compresskit.commands.result_tables import checks_table, result_table
         from compresskit.recipe import load_recipe
         from compresskit.run import REPORT_MD, run_recipe
 
         loaded = load_recipe(recipe, overrides=_overrides(set_, model, out, device, force))
-        console = Console()
+        console = make_console()
         if dry_run:
             print(json.dumps(loaded.model_dump(mode="json"), indent=2) if json_out else
                   f"recipe {recipe} is valid: {len(loaded.stages)} stage(s), {len(loaded.checks)} check(s), "
@@ -64,8 +63,8 @@ def register(app: typer.Typer) -> None:
                 console.print(checks_table(outcome.checks))
             console.print(f"report: {outcome.output / REPORT_MD}")
         if outcome.failed and not check:
-            Console(stderr=True).print(
-                f"warning: {len(outcome.failed)} check(s) failed (run with --check to fail the job)", markup=False
+            make_console(stderr=True).print(
+                f"warning: {len(outcome.failed)} check(s) failed (run with --check to fail the job)"
             )
         if check:
             outcome.raise_for_checks()

@@ -10,6 +10,12 @@ truncated to 256·seqlen tokens, then the same windows.
 
 Offline, WikiText-2 comes from a local copy of the raw test file; that copy is ``"".join(rows)``,
 not ``"\\n\\n".join(rows)``, so the join used is recorded next to every number.
+
+``demo`` is a public-domain excerpt of Moby Dick shipped inside the package (a DEMO, not
+WikiText-2; its results say so in ``source``). ``auto`` is the quickstart's explicit fallback:
+WikiText-2 (Hub, else the local copy), else ``demo``; the result is keyed and labelled by the
+dataset actually used and records ``requested: auto`` and why WikiText-2 was skipped. An explicit
+``wikitext2`` never falls back.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..errors import EvaluationError
+from ..errors import EvaluationError, InputError
 from ..hub import hub_reachable
 from ..paths import shared_data_dir
 
@@ -37,8 +43,8 @@ def _wikitext2_text() -> tuple[str, dict]:
     if env is None and hub_reachable():
         from datasets import load_dataset
 
-        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
-        return "\n\n".join(rows), {"source": "hub:wikitext/wikitext-2-raw-v1:test", "join": "\\n\\n"}
+        rows = load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split="test")["text"]
+        return "\n\n".join(rows), {"source": "hub:Salesforce/wikitext:wikitext-2-raw-v1:test", "join": "\\n\\n"}
     path = Path(env) if env else shared_data_dir() / WIKITEXT2_LOCAL
     if not path.exists():
         raise EvaluationError(
@@ -80,16 +86,34 @@ def _file_text(path: Path) -> tuple[str, dict]:
         raise EvaluationError(f"perplexity file {path} is not UTF-8 text") from None
 
 
+def _demo_text() -> tuple[str, dict]:
+    from ..demo_data import PERPLEXITY_FILE, PERPLEXITY_LABEL
+
+    return PERPLEXITY_FILE.read_text(encoding="utf-8"), {"source": PERPLEXITY_LABEL, "join": "file as-is"}
+
+
 def perplexity_tokens(tokenizer, dataset: str, seqlen: int) -> tuple[torch.Tensor, dict]:
-    """Token ids [1, N] of a perplexity corpus and where they came from."""
-    if dataset == "wikitext2":
+    """Token ids [1, N] of a perplexity corpus and where they came from.
+
+    ``info`` holds ``source`` and ``join``; for ``auto`` also ``dataset`` (the one used),
+    ``requested`` and, when it fell back to the demo text, ``fallback`` (why)."""
+    if dataset == "auto":
+        try:
+            ids, info = perplexity_tokens(tokenizer, "wikitext2", seqlen)
+            return ids, {**info, "dataset": "wikitext2", "requested": "auto"}
+        except EvaluationError as exc:
+            ids, info = perplexity_tokens(tokenizer, "demo", seqlen)
+            return ids, {**info, "dataset": "demo", "requested": "auto", "fallback": f"wikitext2: {exc}"}
+    if dataset == "demo":
+        text, info = _demo_text()
+    elif dataset == "wikitext2":
         text, info = _wikitext2_text()
     elif dataset == "c4":
         return _c4_ids(tokenizer, seqlen)
     elif dataset.startswith("file:") or Path(dataset).suffix in {".txt", ".raw", ".jsonl"}:
         text, info = _file_text(Path(dataset.removeprefix("file:")).expanduser())
     else:
-        raise EvaluationError(f"unknown perplexity dataset '{dataset}'; use wikitext2, c4 or file:PATH")
+        raise EvaluationError(f"unknown perplexity dataset '{dataset}'; use wikitext2, c4, demo, auto or file:PATH")
     ids = tokenizer(text, return_tensors="pt").input_ids
     return ids, info
 
@@ -99,6 +123,12 @@ def windowed_perplexity(model, ids: torch.Tensor, seqlen: int, batch_size: int =
                         max_windows: int | None = None,
                         progress: Callable[[int, int], None] | None = None) -> dict:
     """The papers' non-overlapping-window perplexity over ``ids`` [1, N]."""
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 1:
+        raise InputError(f"--seqlen must be an integer >= 1, got {seqlen!r}")
+    if max_windows is not None and (isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1):
+        raise InputError(f"--max-windows must be an integer >= 1 (or omitted for all windows), got {max_windows!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"--ppl-batch-size must be an integer >= 1, got {batch_size!r}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     n_windows = ids.numel() // seqlen
     if max_windows is not None:
@@ -132,5 +162,5 @@ def perplexity(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048,
     ids, info = perplexity_tokens(tokenizer, dataset, seqlen)
     result = windowed_perplexity(model, ids, seqlen, batch_size=batch_size, device=device,
                                  max_windows=max_windows, progress=progress)
-    result.update(dataset=dataset, **info)
+    result.update({"dataset": dataset, **info})
     return result

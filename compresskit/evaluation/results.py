@@ -47,6 +47,8 @@ class PerplexityResult(_Model):
     source: str | None = None  # file path or dataset id the text came from
     dataset: str | None = None
     seconds: float | None = None
+    requested: str | None = None  # what was asked when a fallback chain chose `dataset` (``auto``)
+    fallback: str | None = None  # why the chain's earlier choice (WikiText-2) was skipped
 
 
 class MetricValue(_Model):

@@ -51,8 +51,11 @@ class PruneJob:
         if self._calibration_data is None:
             from ..calibration import load_calibration
 
+            from ..models.context import check_seqlen
+
             if self.calibration is None:
                 raise InputError("this method needs calibration data; pass --calib")
+            check_seqlen(self.model, self.calibration.seqlen)  # before any calibration compute
             self._calibration_data = load_calibration(self.calibration, self.tokenizer)
         return self._calibration_data
 

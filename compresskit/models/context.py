@@ -1,0 +1,62 @@
+"""How long a sequence a model takes: ``--seqlen`` past a model's position limit is refused.
+
+A model silently run past ``max_position_embeddings`` gives meaningless calibration statistics
+and perplexities (learned positions index out of range; RoPE models leave the lengths they were
+trained on). The check runs once the config is loaded and before any heavy compute. A model
+configured to extrapolate (RoPE scaling: linear, dynamic, YaRN, llama3, longrope, ...) only gets
+a warning, since going past the original length is what that configuration is for.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from ..errors import CompressKitWarning, InputError
+
+#: Config attributes naming the longest sequence, in the order families use them.
+POSITION_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_sequence_length", "max_seq_len", "seq_length")
+
+
+def _text_config(model_or_config: Any) -> Any:
+    config = getattr(model_or_config, "config", model_or_config)
+    getter = getattr(config, "get_text_config", None)
+    try:
+        return getter() if callable(getter) else config
+    except Exception:  # noqa: BLE001 - odd configs: fall back to the top level
+        return config
+
+
+def max_positions(model_or_config: Any) -> int | None:
+    """The longest sequence the config declares, or None when it declares none."""
+    config = _text_config(model_or_config)
+    for name in POSITION_ATTRIBUTES:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def rope_scaling_type(model_or_config: Any) -> str | None:
+    """The configured RoPE scaling (``linear``, ``yarn``, ...), or None for plain RoPE / none."""
+    config = _text_config(model_or_config)
+    for name in ("rope_scaling", "rope_parameters"):
+        params = getattr(config, name, None)
+        if isinstance(params, dict):
+            kind = params.get("rope_type") or params.get("type")
+            if kind and kind != "default":
+                return str(kind)
+    return None
+
+
+def check_seqlen(model_or_config: Any, seqlen: int, flag: str = "--seqlen") -> None:
+    """Refuse ``seqlen`` above the model's position limit (warn where RoPE scaling is configured)."""
+    limit = max_positions(model_or_config)
+    if limit is None or seqlen <= limit:
+        return
+    scaling = rope_scaling_type(model_or_config)
+    if scaling is not None:
+        warnings.warn(f"{flag} {seqlen} is above the model's max_position_embeddings {limit}; "
+                      f"relying on its {scaling} RoPE scaling to extrapolate", CompressKitWarning, stacklevel=2)
+        return
+    raise InputError(f"{flag} {seqlen} is above the model's max_position_embeddings {limit}; use {flag} {limit} or less")
