@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 import torch
 
+from .engine import distributed
+from .engine.memory_plan import device_budget
 from .checkpoint import MANIFEST_NAME, Manifest, check_output_dir, load_with_tokenizer, save_checkpoint
 from .errors import InputError
 from .evaluation.sparsity import count_parameters, measure_sparsity
@@ -82,6 +84,7 @@ def prune(
     dtype: str = "auto",
     batch_size: int = 8,
     offload_activations: bool = False,
+    max_gpu_memory: str | int | None = None,
     include: str | None = None,
     exclude: str | None = None,
     revision: str | None = None,
@@ -106,6 +109,9 @@ def prune(
     if out is not None:
         check_output_dir(out, force, input_path=model if isinstance(model, str) else None)
     dev = resolve_device(device)
+    budget, budget_name = device_budget(dev, max_gpu_memory)  # validates the size before loading
+    dev = distributed.local_device(dev)  # under torchrun: this rank's GPU
+    distributed.init_from_env(dev)
 
     t0 = time.perf_counter()
     job = build_job(
@@ -120,6 +126,13 @@ def prune(
     from .methods.sparsify import validate_pattern
 
     validate_pattern(job, [pat] * adapter.num_blocks)
+    memory = None
+    if entry.needs_calibration(job, config):
+        from .methods.sparsify import plan_activation_memory
+
+        needs = PRUNERS[pruner_name].needs if entry.kind == "sparsity" else "none"
+        memory = plan_activation_memory(job, budget, needs, budget_name)
+        job.offload_activations = memory.offload_activations
     params_before = count_parameters(model_obj)
     t0 = time.perf_counter()
     result = entry.run(job, config)
@@ -139,6 +152,8 @@ def prune(
         "exclude": exclude,
         "device": str(dev),
         "batch_size": batch_size,
+        **(memory.record() if memory is not None else {}),
+        **({"data_parallel_ranks": distributed.world_size()} if distributed.is_active() else {}),
         **job.pruner_options,
         **result.config,
     }
@@ -166,12 +181,13 @@ def prune(
         timings={"load_s": load_s, "method_s": method_s, **result.timings},
     )
     out_path = None
-    if out is not None:
+    if out is not None and distributed.is_writer():  # data-parallel: rank 0 writes, the others wait
         t0 = time.perf_counter()
         manifest.timings["total_s"] = time.perf_counter() - t_start
         out_path = save_checkpoint(model_obj, tok, out, manifest, force=force)
         manifest.timings["save_s"] = time.perf_counter() - t0
         manifest.write(out_path)
+    distributed.barrier()
     manifest.timings["total_s"] = time.perf_counter() - t_start
     return PruneOutcome(model=model_obj, tokenizer=tok, manifest=manifest, out=out_path, result=result)
 

@@ -116,6 +116,7 @@ def prune(
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16."),
     batch_size: int = typer.Option(8, help="Calibration samples per block forward."),
     offload_activations: bool = typer.Option(False, help="Keep calibration activations on CPU (saves GPU memory)."),
+    max_gpu_memory: Optional[str] = typer.Option(None, help="Device memory budget, e.g. 20GiB: activations are offloaded automatically when they do not fit beside one block."),
     blocksize: Optional[int] = typer.Option(None, help="SparseGPT column block size [default 128]."),
     percdamp: Optional[float] = typer.Option(None, help="SparseGPT dampening, fraction of mean diag(H) [default 0.01]."),
     revision: Optional[str] = typer.Option(None, help="Hub revision of the model."),
@@ -127,15 +128,21 @@ def prune(
     """Prune or compress a model and write a checkpoint with a compresskit.json manifest."""
     options = _split_method_options(method, method_options)
     pruner_options = {k: v for k, v in {"blocksize": blocksize, "percdamp": percdamp}.items() if v is not None}
-    with PhaseProgress(enabled=not (quiet or json_out)) as progress:
+    from .engine import distributed
+
+    writer = distributed.is_writer()  # under torchrun only rank 0 prints and writes
+    with PhaseProgress(enabled=not (quiet or json_out) and writer) as progress:
         outcome = api.prune(
             model, method, sparsity=sparsity, pattern=pattern, pruner=pruner, calib=calib,
             calib_format=calib_format, nsamples=nsamples, seqlen=seqlen, seed=seed,
             num_incontext=num_incontext, text_field=text_field, out=out, force=force, device=device, dtype=dtype,
-            batch_size=batch_size, offload_activations=offload_activations, include=include,
+            batch_size=batch_size, offload_activations=offload_activations, max_gpu_memory=max_gpu_memory, include=include,
             exclude=exclude, revision=revision, method_options=options, pruner_options=pruner_options,
             progress=progress,
         )
+    distributed.shutdown()
+    if not writer:
+        return
     if not quiet:
         _note_calibration_source(outcome.manifest.calibration)
     if json_out:

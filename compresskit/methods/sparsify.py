@@ -18,6 +18,14 @@ import torch
 from torch import nn
 
 from ..engine import SequentialRunner
+from ..engine.distributed import assign_owners, batch_share, broadcast_, is_active, rank
+from ..engine.memory_plan import (
+    MemoryPlan,
+    activation_bytes,
+    batch_working_bytes,
+    plan_memory,
+    statistic_bytes,
+)
 from ..errors import InputError
 from ..pruning import PRUNERS, Pattern, check_divisible
 from .base import PruneJob
@@ -58,11 +66,17 @@ def _expert_scope(job: PruneJob, i: int):
 
 
 def _runner(job: PruneJob, calib, report) -> SequentialRunner:
-    """The engine over the job's calibration samples, with fused experts presented per expert."""
+    """The engine over this rank's calibration samples, with fused experts presented per expert.
+
+    In one process that is every sample; under ``torchrun`` each rank keeps a contiguous run of
+    whole batches (``distributed.batch_share``) and statistics are summed over ranks.
+    """
+    share = batch_share(calib.input_ids.shape[0], job.batch_size)
+    mask = calib.attention_mask
     return SequentialRunner(
         job.adapter,
-        calib.input_ids,
-        calib.attention_mask,
+        calib.input_ids[share],
+        None if mask is None else mask[share],
         device=job.device,
         batch_size=job.batch_size,
         offload_activations=job.offload_activations,
@@ -79,6 +93,14 @@ def _stat_factory(needs: str):
     if needs == "hessian":
         return lambda n, device: HessianStat(n)
     raise ValueError(needs)
+
+
+def _solve_cost(needs: str, module: nn.Linear) -> float:
+    """Relative work of pruning one matrix, to spread the solves of a block over ranks evenly."""
+    rows, cols = module.weight.shape
+    if needs == "hessian":  # Cholesky of [in, in] + the column sweep over [out, in]
+        return float(cols) ** 3 + float(rows) * float(cols) ** 2
+    return float(rows) * float(cols)
 
 
 def prune_blocks(
@@ -100,16 +122,20 @@ def prune_blocks(
     patterns = patterns or [job.pattern] * n_blocks
     details = {"magnitude_fallback": [], "prune_s": 0.0}
 
-    def prune_matrix(block: int, local: str, module: nn.Linear, stat) -> None:
+    def prune_matrix(block: int, local: str, module: nn.Linear, stat, solve: bool = True) -> None:
+        """Prune one matrix; with ``solve=False`` (another rank solves it) only record the decision."""
         ratio, pattern = ratios[block], patterns[block]
         if isinstance(ratio, dict):
             ratio = ratio[local]
         if pattern.kind != "nm" and ratio <= 0:
             return
         name = f"{job.adapter.block_name(block)}.{local}"
-        t0 = time.perf_counter()
         if stat is None and spec.needs != "none":
             details["magnitude_fallback"].append(name)
+        if not solve:
+            return
+        t0 = time.perf_counter()
+        if stat is None and spec.needs != "none":
             PRUNERS["magnitude"].prune(module.weight.data, None, ratio, pattern)
         else:
             spec.prune(module.weight.data, stat, ratio, pattern, **job.pruner_options)
@@ -136,10 +162,19 @@ def prune_blocks(
         if not linears:
             return False
         collector = ctx.collect_input_stats(linears, factory)
-        for local, module in linears.items():
+        collector.all_reduce()
+        values = {}
+        for local in linears:
             stat = collector.stats.get(local)
-            value = stat.value() if stat is not None and collector.samples[local] > 0 else None
-            prune_matrix(ctx.index, local, module, value)
+            values[local] = stat.value() if stat is not None and collector.samples[local] > 0 else None
+        # Data-parallel: each rank solves its share of the matrices, then every result is
+        # broadcast from its owner, so all ranks hold the same pruned block.
+        owners = assign_owners([_solve_cost(spec.needs, m) for m in linears.values()])
+        for (local, module), owner in zip(linears.items(), owners):
+            prune_matrix(ctx.index, local, module, values[local], solve=owner == rank())
+        if is_active():
+            for module, owner in zip(linears.values(), owners):
+                broadcast_(module.weight.data, src=owner)
         return True
 
     runner = _runner(job, calib, report)
@@ -164,6 +199,7 @@ def collect_block_statistics(
     def visit(ctx) -> bool:
         linears = target_linears(job, ctx.index)
         collector = ctx.collect_input_stats(linears, factory)
+        collector.all_reduce()
         stats = {k: s.value() for k, s in collector.stats.items() if collector.samples[k] > 0}
         values.append(reduce(ctx.index, linears, stats))
         return False
@@ -176,3 +212,39 @@ def collect_block_statistics(
     runner.run(visit)
     runner.release()
     return values
+
+
+def plan_activation_memory(job: PruneJob, budget: int | None, needs: str,
+                           budget_name: str = "--max-gpu-memory") -> MemoryPlan:
+    """Estimate the calibration pass's device memory for ``job`` and choose the activations' place.
+
+    Shapes only (works on a lazily loaded model's meta tensors): the largest block's parameters
+    and buffers, the widest linear output, the statistics of the pruner (``needs``) over the
+    block's targeted linears, and this rank's share of the calibration samples.
+    ``InputError`` naming the memory needed when one block does not fit in ``budget``.
+    """
+    adapter = job.adapter
+    embeddings = adapter.model.get_input_embeddings().weight
+    hidden, dtype_bytes = int(embeddings.shape[-1]), embeddings.element_size()
+    spec = job.calibration
+    nsamples, seqlen = (spec.nsamples, spec.seqlen) if spec is not None else (0, 0)
+    share = batch_share(nsamples, job.batch_size)
+    local = share.stop - share.start
+    parameter_bytes, widest, stats = 0, hidden, 0
+    for i in range(adapter.num_blocks):
+        block = adapter.blocks[i]
+        size = sum(t.numel() * t.element_size() for t in [*block.parameters(), *block.buffers()])
+        parameter_bytes = max(parameter_bytes, size)
+        with _expert_scope(job, i):
+            shapes = [tuple(m.weight.shape) for m in target_linears(job, i).values()]
+        widest = max([widest, *(o for o, _ in shapes)])
+        stats = max(stats, statistic_bytes(shapes, needs))
+    return plan_memory(
+        budget,
+        parameter_bytes,
+        batch_working_bytes(min(job.batch_size, max(local, 1)), seqlen, hidden, widest, dtype_bytes),
+        stats,
+        activation_bytes(local, seqlen, hidden, dtype_bytes),
+        force_offload=job.offload_activations,
+        budget_name=budget_name,
+    )

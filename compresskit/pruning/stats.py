@@ -59,6 +59,17 @@ class _InputStat:
         self._accumulate(rows)
         self.nsamples += samples
 
+    def running_sum(self, device: torch.device | str) -> torch.Tensor:
+        """The fp32 sum itself, for summing over data-parallel ranks (``engine.distributed``).
+
+        Created as zeros on ``device`` if nothing was added (a rank whose tokens never reached
+        this linear), so every rank can take part in the reduction. Sum it and ``nsamples`` over
+        ranks, then ``value()`` is the statistic over all ranks' samples.
+        """
+        if self._total is None:
+            self._total = self._zeros(torch.device(device))
+        return self._total
+
     def value(self) -> torch.Tensor:
         if self._total is None or self.nsamples == 0:
             raise RuntimeError(f"{type(self).__name__}.value() called before any input was added")
