@@ -35,11 +35,11 @@ def onload(module: nn.Module, device: torch.device | str) -> Iterator[nn.Module]
     lazy = lazy_hooks(module)
     if lazy is not None:
         materialise, release = lazy
-        materialise(module, device)
+        session = materialise(module, device)
         try:
             yield module
         finally:
-            release(module)
+            release(module, session)
         return
     home = _home(module)
     module.to(device)
@@ -51,5 +51,9 @@ def onload(module: nn.Module, device: torch.device | str) -> Iterator[nn.Module]
 
 
 def lazy_hooks(module: nn.Module):
-    """The lazy loader's (materialise, release) pair for ``module``'s model, if it was loaded lazily."""
-    return getattr(module, "_compresskit_lazy", None)
+    """The lazy loader's ``(materialise(module, device) -> session, release(module, session))`` pair
+    when some of ``module``'s tensors are still on disk (``models.lazy``), else None."""
+    from .lazy_store import store_of
+
+    store = store_of(module)
+    return None if store is None else (store.materialise, store.release)

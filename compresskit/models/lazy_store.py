@@ -1,0 +1,258 @@
+"""Where the weights of a lazily loaded model live between uses, and how they come and go.
+
+Design (the contract of ``models.placement.onload`` for a model whose blocks stay on disk):
+
+* **Sources are tied to tensor objects, not module paths.** Every at-rest block tensor is a
+  ``meta`` tensor carrying a :class:`LazyRef` (attribute ``_compresskit_lazy``) that names its
+  bytes: an :class:`OriginalSource` (a recipe over the checkpoint's safetensors keys, converted
+  exactly as ``from_pretrained`` converts them) or a :class:`SpillSource` (a tensor in a spill
+  file). Methods may replace submodules, delete and renumber blocks or move modules around:
+  the reference travels with the tensor, so nothing is looked up by name.
+* **Materialise** (entering ``onload``): every meta tensor with a reference under the module is
+  read onto the device as a *new* Parameter / buffer; tensors that were already real (modules a
+  method built in memory) are moved to the device like ``module.to`` would.
+* **Release** (leaving ``onload``, also after an exception): every real tensor under the module
+  goes back to ``meta``. A tensor is released to its *original* reference only when it is
+  provably unchanged: the very object that was materialised, same ``_version``, same dtype and
+  shape and bit-identical to a fresh read of its source (a re-read, because pruners write
+  through ``weight.data``, which bumps no version counter). Anything else — an in-place edit, a
+  replaced submodule's new tensors, tensors of a module built in memory — is *spilled*: written
+  to a safetensors file in a private temporary directory and re-pointed there. So a change is
+  never silently reloaded from the original, and host memory holds about one block at a time.
+  Tensors that were real before the context (moved, not materialised) return to their home
+  device unchanged.
+
+Spill files are reference-counted and deleted when nothing points to them any more; the spill
+directory is removed when the store is garbage-collected or the process exits.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+ATTR = "_compresskit_lazy"
+
+
+@dataclass(frozen=True)
+class OriginalSource:
+    recipe: int  # index into the store's recipes
+    target: str  # target name the recipe produces (the full name at load time)
+
+
+@dataclass(frozen=True)
+class SpillSource:
+    file: str
+    key: str
+
+
+class LazyRef:
+    """What a meta tensor points to; shared, never copied (``deepcopy`` of a module keeps it)."""
+
+    __slots__ = ("store", "source")
+
+    def __init__(self, store: "LazyStore", source: OriginalSource | SpillSource):
+        self.store, self.source = store, source
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def lazy_ref(tensor: torch.Tensor | None) -> LazyRef | None:
+    if tensor is None or not tensor.is_meta:
+        return None
+    return getattr(tensor, ATTR, None)
+
+
+def tensor_slots(module: nn.Module) -> Iterator[tuple[nn.Module, str, str, torch.Tensor]]:
+    """(owner module, "_parameters" | "_buffers", name, tensor) for every tensor under ``module``."""
+    for owner in module.modules():
+        for kind in ("_parameters", "_buffers"):
+            for name, tensor in list(getattr(owner, kind).items()):
+                if tensor is not None:
+                    yield owner, kind, name, tensor
+
+
+def store_of(module: nn.Module) -> "LazyStore | None":
+    """The store of the first lazily held tensor under ``module`` (None: nothing under it is lazy)."""
+    for _, _, _, tensor in tensor_slots(module):
+        ref = lazy_ref(tensor)
+        if ref is not None:
+            return ref.store
+    return None
+
+
+def _meta_like(tensor: torch.Tensor, ref: LazyRef, parameter: bool, requires_grad: bool) -> torch.Tensor:
+    meta = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+    if parameter:
+        meta = nn.Parameter(meta, requires_grad=requires_grad)
+    setattr(meta, ATTR, ref)
+    return meta
+
+
+@dataclass
+class Session:
+    """What one ``materialise`` did, so ``release`` can undo it."""
+
+    loaded: dict[int, tuple[OriginalSource | SpillSource, int, torch.Tensor]] = field(default_factory=dict)
+    moved: dict[int, torch.device] = field(default_factory=dict)  # id(tensor) -> home device
+
+
+class LazyStore:
+    """Reads, releases and spills the block tensors of one lazily loaded model.
+
+    ``read_recipe(i)`` returns ``{target name: CPU tensor}`` for recipe ``i``, converted exactly as
+    ``from_pretrained`` would (see ``models.lazy``).
+    """
+
+    def __init__(self, read_recipe: Callable[[int], dict[str, torch.Tensor]], spill_root: str | None = None):
+        self._read_recipe = read_recipe
+        self.spill_dir = tempfile.mkdtemp(prefix="compresskit-spill-", dir=spill_root)
+        self._spill_refs: dict[str, int] = {}
+        self._spill_count = 0
+        self.spilled_tensors = 0
+        weakref.finalize(self, shutil.rmtree, self.spill_dir, True)
+
+    # ------------------------------------------------------------------ sources
+    def ref(self, source: OriginalSource | SpillSource) -> LazyRef:
+        if isinstance(source, SpillSource):
+            self._spill_refs[source.file] = self._spill_refs.get(source.file, 0) + 1
+        return LazyRef(self, source)
+
+    def _drop(self, source: OriginalSource | SpillSource) -> None:
+        if isinstance(source, SpillSource):
+            left = self._spill_refs.get(source.file, 1) - 1
+            self._spill_refs[source.file] = left
+            if left <= 0:
+                self._spill_refs.pop(source.file, None)
+                try:
+                    os.remove(source.file)
+                except FileNotFoundError:
+                    pass
+
+    def read(self, source: OriginalSource | SpillSource, cache: dict | None = None) -> torch.Tensor:
+        if isinstance(source, SpillSource):
+            from safetensors import safe_open
+
+            with safe_open(source.file, framework="pt") as handle:
+                return handle.get_tensor(source.key)
+        if cache is not None and source.recipe in cache:
+            return cache[source.recipe][source.target]
+        values = self._read_recipe(source.recipe)
+        if cache is not None:
+            cache[source.recipe] = values
+        return values[source.target]
+
+    # ------------------------------------------------------------------ materialise
+    @torch.no_grad()
+    def materialise(self, module: nn.Module, device: torch.device) -> Session:
+        session = Session()
+        done: dict[int, torch.Tensor] = {}  # id(old tensor) -> replacement (tied tensors stay tied)
+        cache: dict = {}
+        for owner, kind, name, tensor in tensor_slots(module):
+            if id(tensor) in done:
+                getattr(owner, kind)[name] = done[id(tensor)]
+                continue
+            ref = lazy_ref(tensor)
+            if ref is not None and ref.store is self:
+                # Always a private copy: safetensors hands out tensors backed by its (copy-on-write)
+                # file mapping, and an edit there would show through every later read of the source.
+                value = self.read(ref.source, cache).to(device, copy=True)
+                if kind == "_parameters":
+                    value = nn.Parameter(value, requires_grad=tensor.requires_grad)
+                session.loaded[id(value)] = (ref.source, value._version, value)
+                new = value
+            elif tensor.is_meta:
+                new = tensor  # a meta tensor nobody can read (not ours): leave it
+            else:
+                session.moved[id(tensor)] = tensor.device
+                if kind == "_parameters":
+                    tensor.data = tensor.data.to(device)
+                    new = tensor
+                else:
+                    new = tensor.to(device)
+                    session.moved[id(new)] = tensor.device
+            done[id(tensor)] = new
+            getattr(owner, kind)[name] = new
+        return session
+
+    # ------------------------------------------------------------------ release
+    @torch.no_grad()
+    def release(self, module: nn.Module, session: Session) -> None:
+        done: dict[int, torch.Tensor] = {}
+        pristine: dict = {}
+        to_spill: list[tuple[nn.Module, str, str, torch.Tensor, OriginalSource | SpillSource | None]] = []
+        for owner, kind, name, tensor in tensor_slots(module):
+            if id(tensor) in done:
+                getattr(owner, kind)[name] = done[id(tensor)]
+                continue
+            if tensor.is_meta:
+                continue
+            if id(tensor) in session.moved and id(tensor) not in session.loaded:
+                home = session.moved[id(tensor)]
+                if kind == "_parameters":
+                    tensor.data = tensor.data.to(home)
+                    new = tensor
+                else:
+                    new = tensor.to(home)
+                done[id(tensor)] = new
+                getattr(owner, kind)[name] = new
+                continue
+            entry = session.loaded.get(id(tensor))
+            if entry is not None and entry[2] is tensor and self._unchanged(tensor, entry, pristine):
+                new = _meta_like(tensor, self.ref(entry[0]), kind == "_parameters", tensor.requires_grad)
+                done[id(tensor)] = new
+                getattr(owner, kind)[name] = new
+                continue
+            to_spill.append((owner, kind, name, tensor, entry[0] if entry is not None else None))
+        pristine.clear()
+        if to_spill:
+            self._spill(to_spill, done)
+        # The sources the released tensors were materialised from are no longer referenced by them.
+        for source, _, _ in session.loaded.values():
+            self._drop(source)
+        session.loaded.clear()
+
+    def _unchanged(self, tensor: torch.Tensor, entry, pristine: dict) -> bool:
+        source, version, _ = entry
+        if tensor._version != version:
+            return False
+        original = self.read(source, pristine)
+        if original.dtype != tensor.dtype or original.shape != tensor.shape:
+            return False
+        return bool(torch.equal(original.to(tensor.device), tensor))
+
+    def _spill(self, items, done: dict[int, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        self._spill_count += 1
+        path = os.path.join(self.spill_dir, f"spill-{self._spill_count:06d}.safetensors")
+        tensors: dict[str, torch.Tensor] = {}
+        storages: set[int] = set()
+        keys: dict[int, str] = {}
+        for owner, kind, name, tensor, _ in items:
+            if id(tensor) in keys:
+                continue
+            value = tensor.detach().to("cpu").contiguous()
+            if value.untyped_storage().data_ptr() in storages:
+                value = value.clone()  # safetensors refuses tensors that share storage
+            storages.add(value.untyped_storage().data_ptr())
+            keys[id(tensor)] = key = f"t{len(tensors)}"
+            tensors[key] = value
+        tmp = path + ".tmp"
+        save_file(tensors, tmp)
+        os.replace(tmp, path)
+        tensors.clear()
+        self.spilled_tensors += len(keys)
+        for owner, kind, name, tensor, _ in items:
+            if id(tensor) not in done:
+                ref = self.ref(SpillSource(path, keys[id(tensor)]))
+                done[id(tensor)] = _meta_like(tensor, ref, kind == "_parameters", tensor.requires_grad)
+            getattr(owner, kind)[name] = done[id(tensor)]
