@@ -38,6 +38,12 @@ def register_structure_kind(kind: str):
     return deco
 
 
+def known_structure_kinds() -> set[str]:
+    """Every structure kind this compresskit can rebuild on load."""
+    _import_structure_kinds()
+    return set(_STRUCTURE_KINDS)
+
+
 def check_output_dir(out_dir: str | Path, force: bool, input_path: str | Path | None = None) -> Path:
     """Fail early (before any work) if writing ``out_dir`` would lose something."""
     out = Path(out_dir).expanduser().resolve()
