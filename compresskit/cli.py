@@ -294,9 +294,14 @@ def eval_(
 def inspect(
     path: Path = typer.Argument(..., help="Checkpoint directory."),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="FinerCut checkpoints: draw which sublayers went, by block and type, in which order (PNG)."),
 ):
     """Show a checkpoint's manifest and its per-block sparsity table."""
     manifest = api.inspect(path)
+    if plot is not None:
+        from .depth.plot import plot_removed
+
+        plot_removed(manifest.method_details, plot, title=f"{manifest.method} on {manifest.base_model}")
     if json_out:
         print(json.dumps(manifest.model_dump(), indent=2))
         return
@@ -312,6 +317,13 @@ def inspect(
         else "compresskit form (compresskit.load)"
     out_console.print(f"form: {form}" + (f" — {manifest.form_reason}" if manifest.form_reason else ""),
                       markup=False, emoji=False, highlight=False)
+    if "per_layer" in manifest.method_details and "order" in manifest.method_details:
+        d = manifest.method_details
+        out_console.print(
+            f"removed {d['removed']} of {d['num_candidates']} {d['level']} candidates ({d['attention_removed']} attention, "
+            f"{d['mlp_removed']} MLP; {d['blocks_deleted']} blocks deleted): sublayer fraction {d['sublayer_fraction']:.3f}, "
+            f"parameter fraction {d['param_fraction_model']:.3f}; order: "
+            + " ".join(f"{o['type']}{o['block']}" for o in d["order"]), markup=False, emoji=False, highlight=False)
     _print_block_table(manifest, title="per-block sparsity")
 
 

@@ -1,0 +1,208 @@
+"""FinerCut on real small models (CPU): sublayer removal vs whole-block removal at equal parameters.
+
+For SmolLM2-135M and the two shared MoE fixtures (deepseek-v2-moe-25m, qwen2-moe-26m):
+
+* one greedy sublayer search (JS, code form, float32) to the largest ratio; because the greedy
+  order is re-scored after each removal, the first int(2L·r) removals are the result at every
+  smaller ratio r, so one search gives every row;
+* one greedy block search (``--level block``) to the parameter fraction of the largest ratio;
+  for each ratio the block model removes blocks until it has removed at least as many
+  parameters as the sublayer model;
+* held-out perplexity (SmolLM2: local WikiText-2 test, the perplexity module's protocol; MoE
+  fixtures: their README's validation text — last 10 State of the Union addresses, last 5% of
+  Moby Dick, last 300 GSM8K train items — tokenized with their own tokenizer) and local PIQA
+  accuracy (tasks/piqa_local.yaml, first ``--piqa-limit`` items);
+* time per greedy step with and without the prefix cache (one step each), decode tokens/s of the
+  dense and the 25% model on CPU (``evaluation.efficiency.measure_throughput``).
+
+Settings are reduced for a shared 2-core CPU and printed with the table; see --help.
+
+    python benchmarks/finercut.py [--models smollm2-135m,deepseek-v2-moe-25m,qwen2-moe-26m]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from compresskit.api import prune
+from compresskit.depth.blocks import delete_blocks
+from compresskit.depth.removal import remove_sublayer
+from compresskit.evaluation.efficiency import measure_throughput
+from compresskit.evaluation.perplexity import perplexity, windowed_perplexity
+from compresskit.models import get_adapter, load_model
+from compresskit.paths import shared_data_dir, shared_models_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "finercut.json"
+
+
+def model_path(name: str) -> str:
+    return name if name == "smollm2-135m" else str(shared_models_dir() / name)
+
+
+def fixture_validation_ids(tokenizer) -> torch.Tensor:
+    """The MoE fixtures' held-out text (models/README.md), joined by blank lines."""
+    data = shared_data_dir()
+    sotu = [json.loads(line)["text"] for line in (data / "corpora" / "sotu.jsonl").read_text().splitlines() if line.strip()]
+    moby = (data / "corpora" / "moby_dick.txt").read_text()
+    gsm = [json.loads(line) for line in (data / "gsm8k" / "train.jsonl").read_text().splitlines() if line.strip()]
+    parts = sotu[-10:] + [moby[int(len(moby) * 0.95):]] + [f"{g['question']}\n{g['answer']}" for g in gsm[-300:]]
+    return tokenizer("\n\n".join(parts), return_tensors="pt").input_ids
+
+
+def held_out_ppl(model, tok, name: str, seqlen: int, windows: int) -> float:
+    if name == "smollm2-135m":
+        return perplexity(model, tok, "wikitext2", seqlen=seqlen, max_windows=windows, device="cpu")["value"]
+    return windowed_perplexity(model, fixture_validation_ids(tok), seqlen, device="cpu", max_windows=windows)["value"]
+
+
+def piqa(model, tok, limit: int) -> float | None:
+    if limit <= 0:
+        return None
+    from compresskit.evaluate import evaluate
+
+    result = evaluate(model, tokenizer=tok, tasks="piqa_local", task_files=[ROOT / "tasks" / "piqa_local.yaml"],
+                      limit=limit, batch_size=8, device="cpu")
+    task = next(iter(result.tasks.values()))
+    return task.metric_value("acc")
+
+
+def fresh(name: str):
+    model, tok = load_model(model_path(name), dtype="float32", device="cpu")
+    model.eval()
+    return model, tok
+
+
+def apply_sublayers(model, order, count):
+    adapter = get_adapter(model)
+    for row in order[:count]:
+        remove_sublayer(adapter, row["block"], "attn" if row["type"] == "attn" else "mlp")
+    return model
+
+
+def apply_blocks(model, order, min_params):
+    removed, drop = 0, set()
+    for row in order:
+        if removed >= min_params:
+            break
+        drop.add(row["block"])
+        removed += row["params"]
+    delete_blocks(get_adapter(model), drop)
+    return model, removed, len(drop)
+
+
+def search(name, calib, nsamples, seqlen, **options):
+    model, tok = fresh(name)
+    out = prune(model, "finercut", tokenizer=tok, calib=calib, nsamples=nsamples, seqlen=seqlen, device="cpu",
+                batch_size=nsamples, method_options=options)
+    return out.manifest.method_details
+
+
+def run_model(name: str, args) -> dict:
+    calib = f"file:{shared_data_dir() / 'corpora' / 'sotu.jsonl'}"
+    ratios = [float(r) for r in args.ratios.split(",")]
+    record: dict = {"model": name, "settings": {"calib": "sotu.jsonl windows", "nsamples": args.nsamples,
+                                                "seqlen": args.seqlen, "ppl_seqlen": args.ppl_seqlen,
+                                                "ppl_windows": args.ppl_windows, "piqa_limit": args.piqa_limit}}
+    dense, tok = fresh(name)
+    params_total = sum(p.numel() for p in dense.parameters())
+    record["dense"] = {"ppl": held_out_ppl(dense, tok, name, args.ppl_seqlen, args.ppl_windows),
+                       "piqa": piqa(dense, tok, args.piqa_limit),
+                       "decode_tok_s": measure_throughput(dense, tok, prompt_len=64, new_tokens=32)["decode_tokens_per_s"],
+                       "params": params_total}
+    del dense
+    print(name, "dense", record["dense"], flush=True)
+
+    t = {}
+    for cache in (True, False):
+        d = search(name, calib, args.nsamples, args.seqlen, remove_params=1e-9, prefix_cache=cache)
+        t["with_prefix_cache" if cache else "without_prefix_cache"] = {
+            "first_step_s": d["order"][0]["seconds"], "block_runs": d["search"]["block_runs"]}
+    record["step_timing"] = t
+    print(name, "timing", t, flush=True)
+
+    d = search(name, calib, args.nsamples, args.seqlen, remove=max(ratios))
+    order = d["order"]
+    record["sublayer_search"] = {"seconds": d["search"]["seconds"], "order": [(r["type"], r["block"]) for r in order],
+                                 "distances": [r["distance"] for r in order]}
+    num_blocks = d["num_blocks"]
+    block_params = d["removed_params"] / d["param_fraction_blocks"] if d["param_fraction_blocks"] else 0
+    max_params = d["removed_params"]
+    b = search(name, calib, args.nsamples, args.seqlen, level="block",
+               remove_params=min(0.99, max_params / block_params * 1.0001 + 1e-6))
+    record["block_search"] = {"seconds": b["search"]["seconds"], "order": [r["block"] for r in b["order"]]}
+    rows = []
+    for r in ratios:
+        count = int(2 * num_blocks * r + 1e-9)
+        m, _ = fresh(name)
+        apply_sublayers(m, order, count)
+        removed = sum(row["params"] for row in order[:count])
+        row = {"ratio": r, "sublayers": count, "attn": sum(1 for x in order[:count] if x["type"] == "attn"),
+               "params_removed_frac": removed / params_total,
+               "ppl": held_out_ppl(m, tok, name, args.ppl_seqlen, args.ppl_windows), "piqa": piqa(m, tok, args.piqa_limit)}
+        if abs(r - 0.25) < 1e-9:
+            row["decode_tok_s"] = measure_throughput(m, tok, prompt_len=64, new_tokens=32)["decode_tokens_per_s"]
+        del m
+        m, _ = fresh(name)
+        m, blk_removed, nblk = apply_blocks(m, b["order"], removed)
+        row.update({"block_blocks": nblk, "block_params_removed_frac": blk_removed / params_total,
+                    "block_ppl": held_out_ppl(m, tok, name, args.ppl_seqlen, args.ppl_windows),
+                    "block_piqa": piqa(m, tok, args.piqa_limit)})
+        del m
+        rows.append(row)
+        print(name, row, flush=True)
+    record["rows"] = rows
+    return record
+
+
+def table(records: list[dict]) -> str:
+    lines = ["| model | removed (sublayers) | attn/mlp | params removed | ppl | PIQA | block: blocks | params | ppl | PIQA |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for rec in records:
+        dn = rec["dense"]
+        lines.append(f"| {rec['model']} | dense | - | 0 | {dn['ppl']:.2f} | {fmt(dn['piqa'])} | - | - | - | - |")
+        for r in rec["rows"]:
+            lines.append(f"| | {r['ratio']:.0%} ({r['sublayers']}) | {r['attn']}/{r['sublayers'] - r['attn']} | "
+                         f"{r['params_removed_frac']:.1%} | {r['ppl']:.2f} | {fmt(r['piqa'])} | {r['block_blocks']} | "
+                         f"{r['block_params_removed_frac']:.1%} | {r['block_ppl']:.2f} | {fmt(r['block_piqa'])} |")
+    return "\n".join(lines)
+
+
+def fmt(v):
+    return "-" if v is None else f"{v:.3f}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="deepseek-v2-moe-25m,qwen2-moe-26m,smollm2-135m")
+    ap.add_argument("--ratios", default="0.10,0.20,0.25,0.30")
+    ap.add_argument("--nsamples", type=int, default=4)
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--ppl-seqlen", type=int, default=512)
+    ap.add_argument("--ppl-windows", type=int, default=8)
+    ap.add_argument("--piqa-limit", type=int, default=100)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    records = []
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    for name in args.models.split(","):
+        t0 = time.perf_counter()
+        rec = run_model(name, args)
+        rec["wall_s"] = time.perf_counter() - t0
+        records.append(rec)
+        RESULTS.write_text(json.dumps(records, indent=1))
+    print(table(records))
+    for rec in records:
+        print(rec["model"], "order:", " ".join(f"{t}{b}" for t, b in rec["sublayer_search"]["order"]),
+              "| blocks:", rec["block_search"]["order"], "| step timing:", rec["step_timing"],
+              "| decode tok/s dense", round(rec["dense"]["decode_tok_s"], 1), "25%",
+              round(next(r for r in rec["rows"] if abs(r["ratio"] - 0.25) < 1e-9).get("decode_tok_s", 0), 1))
+
+
+if __name__ == "__main__":
+    main()
