@@ -106,8 +106,9 @@ def prune(
     for option in (include, exclude):
         _check_regex(option)
     model_name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "in-memory")
-    if out is not None:
-        check_output_dir(out, force, input_path=model if isinstance(model, str) else None)
+    if out is not None:  # before any compute: never an input, a foreign directory, the cwd, ...
+        calib_file = calib if isinstance(calib, str) and calib.startswith("file:") else None
+        check_output_dir(out, force, input_path=model if isinstance(model, str) else None, inputs=[calib_file])
     dev = resolve_device(device)
     budget, budget_name = device_budget(dev, max_gpu_memory)  # validates the size before loading
     dev = distributed.local_device(dev)  # under torchrun: this rank's GPU
@@ -126,6 +127,10 @@ def prune(
     from .methods.sparsify import validate_pattern
 
     validate_pattern(job, [pat] * adapter.num_blocks)
+    if include or exclude:
+        from .methods.sparsify import check_selection
+
+        check_selection(job)
     memory = None
     if entry.needs_calibration(job, config):
         from .methods.sparsify import plan_activation_memory
@@ -159,9 +164,9 @@ def prune(
     }
     base_model, stages = _previous_stages(model)
     manifest = Manifest(
-        base_model=str(base_model or model_name),
+        base_model=str(base_model or _provenance_name(model_name)),
         stages=stages,
-        revision=revision,
+        revision=stages[-1].get("revision") if stages else _resolved_revision(model, model_obj, revision),
         method=method,
         hyperparameters=hyper,
         calibration=calib_record,
@@ -259,8 +264,30 @@ def _previous_stages(model) -> tuple[str | None, list[dict]]:
     previous = Manifest.read(path)
     record = previous.model_dump(exclude={"stages"})
     record["sparsity"] = {k: v for k, v in previous.sparsity.items() if k != "per_module"}
-    record["path"] = str(path)
+    record["path"] = str(path.resolve())
     return previous.base_model, [*previous.stages, record]
+
+
+def _provenance_name(name: str) -> str:
+    """What the manifest's ``base_model`` records: built-in names and Hub ids as typed, a local
+    directory as its absolute path (so ``eval --baseline`` works from any directory)."""
+    from .models.builtin import is_builtin
+
+    if is_builtin(name):
+        return name
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def _resolved_revision(model, model_obj, requested: str | None) -> str | None:
+    """A Hub model's commit sha as transformers resolved it, else the requested revision."""
+    if not isinstance(model, str) or Path(model).expanduser().exists():
+        return requested
+    from .models.builtin import is_builtin
+
+    if is_builtin(model):
+        return requested
+    return getattr(getattr(model_obj, "config", None), "_commit_hash", None) or requested
 
 
 def _check_regex(pattern: str | None) -> None:

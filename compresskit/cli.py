@@ -251,7 +251,7 @@ def eval_(
 ):
     """Evaluate a model or checkpoint: perplexity, lm-eval tasks, efficiency; results as JSON schema v1."""
     from .commands.result_tables import result_table
-    from .evaluate import base_model_of, evaluate
+    from .evaluate import base_model_and_revision, evaluate
     from .evaluation.compare import compare, render_table
 
     if path is not None and model is not None and not baseline:
@@ -267,13 +267,16 @@ def eval_(
                     max_windows=max_windows, ppl_batch_size=ppl_batch_size, num_fewshot=num_fewshot,
                     limit=parsed_limit, batch_size=batch_size, seed=seed, efficiency=efficiency, device=device,
                     dtype=dtype)
-    dense = None
+    dense = dense_target = dense_revision = None
+    if baseline:
+        if path is None:
+            raise InputError("--baseline compares a checkpoint with its dense model: give the checkpoint PATH")
+        dense_target, dense_revision = (model, None) if model else base_model_and_revision(path)
+    baseline_path = _check_eval_outputs([path, model, dense_target, *ppl_file, *task_file], json_path,
+                                        baseline_json if baseline else None, baseline)
     with PhaseProgress(enabled=not (quiet or json_path == "-")) as progress:
         if baseline:
-            if path is None:
-                raise InputError("--baseline compares a checkpoint with its dense model: give the checkpoint PATH")
-            dense_target = model or base_model_of(path)
-            dense = evaluate(dense_target, progress=progress, **settings)
+            dense = evaluate(dense_target, revision=dense_revision, progress=progress, **settings)
             dense.extra["baseline_of"] = str(path)
         result = evaluate(target, progress=progress, **settings)
     if not quiet and json_path != "-":
@@ -284,10 +287,27 @@ def eval_(
         return
     if json_path:
         result.save(json_path)
-    if dense is not None and (baseline_json or json_path):
-        dense.save(baseline_json or Path(json_path).with_name(Path(json_path).stem + ".baseline.json"))
+    if dense is not None and baseline_path is not None:
+        dense.save(baseline_path)
     if not quiet:
         out_console.print(render_table(compare(dense, result)) if dense is not None else result_table(result))
+
+
+def _check_eval_outputs(inputs: list, json_path: str | None, baseline_json: str | None, baseline: bool):
+    """Refuse unsafe --json / --baseline-json paths before anything is evaluated; the baseline's path."""
+    from .outputs import OutputGuard
+
+    guard = OutputGuard(inputs)
+    if json_path and json_path != "-":
+        guard.file(json_path, kind="results", flag="--json")
+    baseline_path = baseline_json or (
+        str(Path(json_path).with_name(Path(json_path).stem + ".baseline.json")) if baseline and json_path and json_path != "-"
+        else None
+    )
+    if baseline_path is not None and json_path != "-":
+        guard.file(baseline_path, kind="results", flag="--baseline-json" if baseline_json else "baseline results")
+        return baseline_path
+    return None
 
 
 @app.command()
@@ -382,9 +402,22 @@ def _click_exceptions():
     return exceptions
 
 
+def _broken_pipe_is_not_an_error() -> None:
+    """rich answers a closed stdout (``| head -1``) with ``SystemExit(1)``; raise ``BrokenPipeError``
+    instead so ``main`` exits 0 quietly, whichever console was printing."""
+    from rich.console import Console
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
+
+    Console.on_broken_pipe = on_broken_pipe  # the hook rich documents for overriding
+
+
 def main() -> None:
     click_exc = _click_exceptions()
     _quiet_libraries()
+    _broken_pipe_is_not_an_error()
     try:
         # standalone_mode=False: usage errors reach us, so they too are one line and exit 2.
         code = app(standalone_mode=False)
@@ -403,6 +436,26 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted; nothing was written in place of the output", markup=False)
         sys.exit(130)
+    except BrokenPipeError:
+        _exit_on_closed_stdout()
+    except SystemExit as exc:
+        # click turns EPIPE into exit 1 after wrapping stdout in a PacifyFlushWrapper
+        if exc.code == 1 and type(sys.stdout).__name__ == "PacifyFlushWrapper":
+            _exit_on_closed_stdout()
+        raise
+
+
+def _exit_on_closed_stdout() -> None:
+    """The reader went away (`compresskit inspect X | head -1`): not an error, exit 0 quietly. Point
+    stdout at devnull so the interpreter's final flush does not fail again (Python docs, "SIGPIPE")."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.__stdout__.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor
+        pass
+    sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,10 @@ class CheckpointError(CompressKitError):
     """A checkpoint cannot be written or read (output exists without --force, corrupt manifest)."""
 
 
+class OutputError(CompressKitError):
+    """An output path would lose data (an input, a foreign file, a directory) or cannot be written."""
+
+
 class EvaluationError(CompressKitError):
     """An evaluation cannot run (dataset unreachable offline, bad task file)."""
 

@@ -45,6 +45,12 @@ def base_model_of(checkpoint: str | Path) -> str:
     return Manifest.read(Path(checkpoint).expanduser()).base_model
 
 
+def base_model_and_revision(checkpoint: str | Path) -> tuple[str, str | None]:
+    """``base_model_of`` and the Hub revision recorded with it (a commit sha, or None for local models)."""
+    base = base_model_of(checkpoint)
+    return base, Manifest.read(Path(checkpoint).expanduser()).revision
+
+
 def manifest_summary(manifest: Manifest) -> dict:
     """What a results table needs from ``compresskit.json``: method, settings, measured sparsity."""
     calib = manifest.calibration or {}
@@ -183,6 +189,8 @@ def evaluate(
     batch_size = _parse_batch_size(batch_size)
     if seqlen < 1:
         raise InputError(f"--seqlen must be at least 1, got {seqlen}")
+    if limit is not None and (isinstance(limit, bool) or limit <= 0):
+        raise InputError(f"--limit must be a positive number of examples (100) or a fraction (0.1), got {limit!r}")
     if max_windows is not None and max_windows < 1:
         raise InputError(f"--max-windows must be at least 1 (omit it for all windows), got {max_windows}")
     if ppl_batch_size < 1:
@@ -191,7 +199,8 @@ def evaluate(
     extra: dict[str, Any] = {}
     if baseline:
         extra["baseline_of"] = str(path_or_model)
-        path_or_model = base_model_of(path_or_model)
+        path_or_model, recorded = base_model_and_revision(path_or_model)
+        revision = revision or recorded
 
     meter = peak_memory(dev) if efficiency else nullcontext()
     with meter as peak:

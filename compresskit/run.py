@@ -59,6 +59,7 @@ class RunOutcome:
 
     def to_dict(self) -> dict:
         return {
+            "written_by": "compresskit run",  # lets a later run replace this report (compresskit.outputs)
             "recipe": self.recipe.provenance(),
             "model": self.recipe.model,
             "output": str(self.output),
@@ -78,10 +79,22 @@ def stage_dirs(recipe: Recipe) -> list[Path]:
 
 
 def _check_outputs(recipe: Recipe) -> None:
-    from .checkpoint import check_output_dir
+    """Every checkpoint and file the recipe writes, against everything it reads, before any work."""
+    from .outputs import OutputGuard
 
+    calib = recipe.calibration.source
+    ev = recipe.evaluation
+    baseline_file = recipe.baseline if recipe.baseline.endswith(".json") else None
+    guard = OutputGuard([recipe.model, recipe.source, calib if calib.startswith("file:") else None,
+                         *ev.ppl_files, *ev.task_files, baseline_file])
     for path in stage_dirs(recipe):
-        check_output_dir(path, recipe.force, input_path=recipe.model)
+        guard.directory(path, force=recipe.force, flag="")
+    output = Path(recipe.output)
+    guard.file(output / RESULT_FILE, kind="results", flag="")
+    if baseline_file is None and recipe.needs_baseline:
+        guard.file(output / BASELINE_FILE, kind="results", flag="")
+    guard.file(output / REPORT_MD, kind="markdown", flag="")
+    guard.file(output / REPORT_JSON, kind="report", flag="")
 
 
 def run_recipe(
@@ -174,5 +187,7 @@ def render_report(run: RunOutcome) -> str:
 
 
 def write_report(run: RunOutcome) -> None:
-    (run.output / REPORT_MD).write_text(render_report(run), encoding="utf-8")
-    (run.output / REPORT_JSON).write_text(json.dumps(run.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
+    from .outputs import MARKDOWN_MARKER, write_text
+
+    write_text(run.output / REPORT_MD, f"{MARKDOWN_MARKER}\n{render_report(run)}")
+    write_text(run.output / REPORT_JSON, json.dumps(run.to_dict(), indent=2, default=str) + "\n")

@@ -203,8 +203,14 @@ def test_existing_output_needs_force(cli, tiny_model_dir, sotu_jsonl, tmp_path):
     res = cli("prune", "--model", src, "--method", "magnitude", "--sparsity", "0.5", "--out", out, "--quiet")
     _assert_clean_error(res, "--force")
     assert (out / "keep.txt").read_text() == "precious"
+    # --force replaces only an earlier checkpoint (or an empty directory), never a folder of other files
     res = cli("prune", "--model", src, "--method", "magnitude", "--sparsity", "0.5", "--out", out, "--quiet", "--force")
-    assert res.exit_code == 0 and not (out / "keep.txt").exists() and (out / MANIFEST_NAME).exists()
+    _assert_clean_error(res, "neither a compresskit checkpoint nor empty")
+    assert (out / "keep.txt").read_text() == "precious"
+    (out / "keep.txt").unlink()
+    for _ in range(2):  # an empty directory, then the checkpoint written into it
+        res = cli("prune", "--model", src, "--method", "magnitude", "--sparsity", "0.5", "--out", out, "--quiet", "--force")
+        assert res.exit_code == 0 and (out / MANIFEST_NAME).exists(), res.stderr
     # writing into the input model is refused even with --force
     res = cli("prune", "--model", src, "--method", "magnitude", "--sparsity", "0.5", "--out", src, "--quiet", "--force")
     _assert_clean_error(res, "input model")

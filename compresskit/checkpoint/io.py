@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..models.weight_files import LOAD_ERRORS, check_safetensors_files, describe_load_error
+from ..outputs import OutputGuard, current_umask
 from .manifest import MANIFEST_NAME, Manifest
 
 # kind -> function(model, entry) that replaces modules so the saved tensors fit again.
@@ -44,39 +48,88 @@ def known_structure_kinds() -> set[str]:
     return set(_STRUCTURE_KINDS)
 
 
-def check_output_dir(out_dir: str | Path, force: bool, input_path: str | Path | None = None) -> Path:
-    """Fail early (before any work) if writing ``out_dir`` would lose something."""
-    out = Path(out_dir).expanduser().resolve()
-    if input_path is not None and Path(str(input_path)).expanduser().exists():
-        src = Path(str(input_path)).expanduser().resolve()
-        if out == src or src in out.parents or out in src.parents:
-            raise CheckpointError(f"refusing to write {out}: it is or contains the input model {src}")
-    if out.exists() and not force:
-        raise CheckpointError(f"output {out} already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"output {out} exists and is not a directory")
-    return out
+def check_output_dir(out_dir: str | Path, force: bool, input_path: str | Path | None = None,
+                     inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Fail early (before any work) if writing ``out_dir`` would lose something.
+
+    The rules are ``compresskit.outputs.OutputGuard.directory``'s: never an input (``input_path``,
+    ``inputs``: model, calibration file, ...), inside one or holding one; an existing directory
+    only with ``force`` and only when it is a compresskit checkpoint or empty; never the current
+    directory or an ancestor of it; the parent must be writable.
+    """
+    return OutputGuard([input_path, *inputs]).directory(out_dir, force=force, flag="")
+
+
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Delete ``.NAME.tmp-HOST-PID-*`` / ``.NAME.old-HOST-PID`` siblings of ``out`` left by a killed save.
+
+    Only entries of this host whose process is gone are removed: a live process's temporary
+    directory (another save running now) is never touched, nor are other hosts' (shared disks).
+    """
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:tmp|old)-{re.escape(_HOST)}-(\d+)(?:-[^/]*)?$")
+    removed = []
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
 
 
 @contextmanager
 def atomic_directory(out_dir: str | Path, force: bool = False):
-    """Yield a temporary directory that becomes ``out_dir`` only if the block completes."""
+    """Yield a temporary directory that becomes ``out_dir`` only if the block completes.
+
+    The temporary sibling is ``.NAME.tmp-HOST-PID-XXXX`` (stale ones of dead processes are removed
+    first) and gets the permissions of a normal ``mkdir`` (``0o777 & ~umask``, not mkdtemp's 0700).
+    ``OSError`` while writing (disk full, permissions) becomes a one-line ``CheckpointError``.
+    """
     out = Path(out_dir).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_HOST}-{os.getpid()}-", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~current_umask())
         yield tmp
         if out.exists():
             if not force:
                 raise CheckpointError(f"output {out} already exists; pass --force to replace it")
-            trash = out.parent / f".{out.name}.old-{os.getpid()}"
+            if not (out / MANIFEST_NAME).is_file() and any(out.iterdir()):
+                raise CheckpointError(f"output {out} is neither a compresskit checkpoint nor empty; not replacing it")
+            trash = out.parent / f".{out.name}.old-{_HOST}-{os.getpid()}"
             os.replace(out, trash)
             os.replace(tmp, out)
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, out)
+    except OSError as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        raise CheckpointError(f"cannot write checkpoint {out}: {exc.strerror or exc}{where}") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -113,7 +166,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} holds no .safetensors files")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(str(f)))
+        try:
+            state.update(load_file(str(f)))
+        except LOAD_ERRORS as exc:
+            raise CheckpointError(f"cannot load checkpoint {path}: {f.name}: {describe_load_error(exc)}") from None
     return state
 
 
@@ -137,11 +193,12 @@ def load_with_tokenizer(path: str | Path, device: str = "cpu", dtype=None, with_
         kwargs["dtype"] = dtype
     elif manifest is not None and manifest.dtype:
         kwargs["dtype"] = getattr(torch, manifest.dtype)
+    check_safetensors_files(path, CheckpointError, "checkpoint")
     with _quiet_transformers():
         try:
             model = _auto_class(AutoConfig.from_pretrained(path)).from_pretrained(path, **kwargs)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
+        except LOAD_ERRORS as exc:
+            raise CheckpointError(f"cannot load {path}: {describe_load_error(exc)}") from None
     if manifest is not None and manifest.structure:
         for entry in manifest.structure:
             kind = entry.get("kind")
@@ -151,7 +208,12 @@ def load_with_tokenizer(path: str | Path, device: str = "cpu", dtype=None, with_
                 raise CheckpointError(f"{path}: unknown structure kind '{kind}' (written by a newer compresskit?)")
             _STRUCTURE_KINDS[kind](model, entry)
         state = _read_state_dict(path)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shapes of the rebuilt modules (e.g. a rank map) differ from the tensors
+            raise CheckpointError(
+                f"{path}: the manifest's structure disagrees with the stored weights: {describe_load_error(exc)}"
+            ) from None
         tied = set(getattr(model, "_tied_weights_keys", None) or [])
         missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
         if missing or unexpected:
@@ -162,7 +224,10 @@ def load_with_tokenizer(path: str | Path, device: str = "cpu", dtype=None, with_
             model.tie_weights()
     model.config.use_cache = False
     model.eval().to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path) if with_tokenizer else None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path) if with_tokenizer else None
+    except LOAD_ERRORS as exc:
+        raise CheckpointError(f"cannot load the tokenizer of {path}: {describe_load_error(exc)}") from None
     return model, tokenizer
 
 

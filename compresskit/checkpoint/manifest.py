@@ -67,6 +67,13 @@ class Manifest(BaseModel):
             raise CheckpointError(f"{directory} is not a compresskit checkpoint (no {MANIFEST_NAME})") from None
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path} must hold a JSON object (a compresskit manifest), not a {type(data).__name__}")
+        version = data.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise CheckpointError(f"{path}: format_version must be a positive integer, got {version!r}")
         if data.get("format_version", 0) > FORMAT_VERSION:
             raise CheckpointError(
                 f"{path} has format_version {data['format_version']}; this compresskit reads up to {FORMAT_VERSION}, upgrade it"

@@ -39,11 +39,15 @@ def register(app: typer.Typer) -> None:
 
         from compresskit.evaluation.compare import render_markdown, render_table
 
+        from compresskit.outputs import MARKDOWN_MARKER, OutputGuard, write_text
+
+        if out is not None:  # before reading anything: never an input, a directory or a foreign file
+            OutputGuard(files).file(out, kind="markdown", flag="--out")
         comparison = compare_files(files)
-        text = render_markdown(comparison)
+        # the marker line (an HTML comment, invisible when rendered) lets a later --out replace the file
+        text = f"{MARKDOWN_MARKER}\n{render_markdown(comparison)}"
         if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(text, encoding="utf-8")
+            write_text(out, text)
         if json_out:
             print(json.dumps(asdict(comparison), indent=2))
         elif markdown:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -145,21 +144,12 @@ class EvalResult(_Model):
         return compute_set_means(self)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write atomically: a temp file in the same folder, then rename over the target."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = self.model_dump_json(indent=2) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        """Write atomically (a temp file in the same folder, then rename over the target), with the
+        permissions of a normal file (umask); a write failure (disk full, permissions) is one
+        ``OutputError`` line. Callers check the path first (``compresskit.outputs.OutputGuard``)."""
+        from compresskit.outputs import write_text
+
+        return write_text(path, self.model_dump_json(indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EvalResult:

@@ -46,6 +46,18 @@ def target_linears(job: PruneJob, block_index: int) -> dict[str, nn.Linear]:
     return chosen
 
 
+def check_selection(job: PruneJob) -> None:
+    """--include / --exclude must leave at least one decoder linear to compress; fail before any work."""
+    for i in range(job.adapter.num_blocks):
+        with _expert_scope(job, i):
+            if target_linears(job, i):
+                return
+    given = " and ".join(f"--{k} {v!r}" for k, v in (("include", job.include), ("exclude", job.exclude)) if v)
+    example = f"{job.adapter.block_name(0)}.{next(iter(job.adapter.prunable_linears(0)), '')}"
+    verb = "select" if job.include and job.exclude else "selects"
+    raise InputError(f"{given} {verb} no decoder linear to compress (names look like {example!r})")
+
+
 def validate_pattern(job: PruneJob, patterns: list[Pattern]) -> None:
     """N:M must divide the input dimension of every targeted linear; fail before any work."""
     for i in range(job.adapter.num_blocks):

@@ -20,6 +20,7 @@ import torch
 from compresskit.errors import InputError, ModelLoadError
 from compresskit.hub import offline_forced
 from compresskit.models.builtin import builtin_model_dir, is_builtin
+from compresskit.models.weight_files import LOAD_ERRORS, check_safetensors_files, describe_load_error
 
 HUB_PROBE_TIMEOUT_S = 5.0
 _DTYPES = {
@@ -113,6 +114,7 @@ def _check_local_dir(path: Path) -> None:
         raise ModelLoadError(
             f"'{path}' has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); save the tokenizer next to the model"
         )
+    check_safetensors_files(path, ModelLoadError, "model")
 
 
 def _hub_access(repo_id: str, revision: str | None) -> dict:
@@ -187,9 +189,9 @@ def _load_weights(source: str, dtype: torch.dtype | None, common: dict):
         return auto.from_pretrained(source, config=config, dtype=dtype or "auto", **common)
     except ModelLoadError:
         raise
-    except (OSError, ValueError, KeyError, ImportError) as exc:
+    except (*LOAD_ERRORS, ImportError) as exc:
         hint = " (remote code: pass trust_remote_code=True if you trust it)" if "trust_remote_code" in str(exc) else ""
-        raise ModelLoadError(f"cannot load model '{source}': {_first_line(exc)}{hint}") from None
+        raise ModelLoadError(f"cannot load model '{source}': {describe_load_error(exc)}{hint}") from None
 
 
 def _load_tokenizer(source: str, common: dict):
@@ -197,5 +199,5 @@ def _load_tokenizer(source: str, common: dict):
 
     try:
         return AutoTokenizer.from_pretrained(source, **common)
-    except (OSError, ValueError, KeyError, ImportError) as exc:
-        raise ModelLoadError(f"cannot load the tokenizer of '{source}': {_first_line(exc)}") from None
+    except (*LOAD_ERRORS, ImportError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of '{source}': {describe_load_error(exc)}") from None

@@ -1,0 +1,271 @@
+"""Output-path safety: every command that writes checks its outputs here, before any compute.
+
+An ``OutputGuard`` is given the paths a command reads (model directory, checkpoint, calibration
+and perplexity files, task files, recipe, results files) and then each output it will write. An
+output is refused with one line (``OutputError``, exit 2) when it
+
+* is one of the inputs, contains one, or lies inside an input directory — except that results
+  files (``*.json``, ``*.md``, ``*.png``, ``*.txt`` with names no loader reads) may go beside the
+  weights of a compresskit checkpoint the command reads (``eval ck --json ck/eval.json``);
+* is a file output naming a directory, or a directory output naming a file;
+* is an existing file that compresskit did not write (see below), or was written by compresskit
+  but is of another kind (``eval --json ck/compresskit.json``);
+* is the same path as another output of the same command (``--json X --baseline-json X``);
+* cannot be written: its nearest existing parent is not a writable directory;
+* (directories) already exists: only with ``force``, and then only a compresskit checkpoint
+  (holds ``compresskit.json``) or an empty directory is replaced — never the current directory or
+  one of its ancestors.
+
+How compresskit recognises a file it wrote (content, not name):
+
+* ``results`` JSON (``eval --json``, ``baseline.json``, run's ``eval.json``): a JSON object with
+  ``schema_version`` and ``compresskit_version``;
+* ``report`` JSON (run's ``report.json``): a JSON object with ``"written_by": "compresskit"``;
+* ``markdown`` (``compare --out``, run's ``report.md``): first line ``<!-- written by compresskit -->``;
+* ``png`` (``analyze --plot``): a ``tEXt`` chunk ``Software`` whose value starts with ``compresskit``.
+
+``write_text`` writes a file atomically (temporary sibling + rename) and turns ``OSError`` (disk
+full, permissions) into ``OutputError``. This module imports nothing of compresskit but ``errors``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+from .errors import OutputError
+
+MANIFEST_NAME = "compresskit.json"  # the checkpoint manifest (checkpoint/manifest.py uses the same name)
+MARKDOWN_MARKER = "<!-- written by compresskit -->"
+PNG_SOFTWARE = "compresskit"
+WRITTEN_BY = "compresskit"
+KINDS = ("results", "report", "markdown", "png")
+RESULT_SUFFIXES = {".json", ".md", ".png", ".txt"}
+# Files in a model / checkpoint directory that transformers or compresskit read: never outputs.
+_LOADER_FILES = {
+    MANIFEST_NAME, "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.json",
+    "preprocessor_config.json", "processor_config.json", "tokenizer.model",
+}
+_MAX_JSON_BYTES = 64 << 20
+
+
+def _abs(path: str | os.PathLike) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def _within(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def _is_checkpoint_dir(path: Path) -> bool:
+    return (path / MANIFEST_NAME).is_file()
+
+
+def _describe_input(path: Path) -> str:
+    if _is_checkpoint_dir(path):
+        return "input checkpoint"
+    if (path / "config.json").is_file():
+        return "input model"
+    return "input directory" if path.is_dir() else "input file"
+
+
+# ----------------------------------------------------------------------------- recognising our files
+def _json_object(path: Path) -> dict | None:
+    try:
+        if path.stat().st_size > _MAX_JSON_BYTES:
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _png_software(path: Path) -> str | None:
+    """The ``Software`` tEXt value of a PNG (chunks before the image data), else None."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(8) != b"\x89PNG\r\n\x1a\n":
+                return None
+            while True:
+                head = fh.read(8)
+                if len(head) < 8:
+                    return None
+                length, ctype = struct.unpack(">I4s", head)
+                if ctype in (b"IDAT", b"IEND") or length > 1 << 20:
+                    return None
+                body = fh.read(length)
+                fh.read(4)  # crc
+                if ctype == b"tEXt" and b"\0" in body:
+                    key, value = body.split(b"\0", 1)
+                    if key == b"Software":
+                        return value.decode("latin-1")
+    except OSError:
+        return None
+
+
+def written_by_compresskit(path: str | os.PathLike, kind: str) -> bool:
+    """Whether the existing file ``path`` is a compresskit output of ``kind`` (see the module docstring)."""
+    path = Path(path)
+    if kind == "results":
+        data = _json_object(path)
+        return data is not None and "schema_version" in data and "compresskit_version" in data
+    if kind == "report":
+        data = _json_object(path)
+        return data is not None and str(data.get("written_by", "")).startswith(WRITTEN_BY)
+    if kind == "markdown":
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return fh.readline().strip() == MARKDOWN_MARKER
+        except (OSError, UnicodeDecodeError):
+            return False
+    if kind == "png":
+        return (_png_software(path) or "").startswith(PNG_SOFTWARE)
+    raise ValueError(f"unknown output kind {kind!r}; one of {KINDS}")
+
+
+# ----------------------------------------------------------------------------- writability
+def check_writable(path: Path, what: str) -> None:
+    """The nearest existing parent of ``path`` must be a writable directory."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {what} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {what} {path}: {parent} is not writable")
+
+
+# ----------------------------------------------------------------------------- the guard
+class OutputGuard:
+    """Collects a command's inputs, then checks each output against them and against each other."""
+
+    def __init__(self, inputs: Iterable[str | os.PathLike | None] = ()):
+        self.inputs: list[Path] = []
+        self.outputs: dict[Path, tuple[str, bool]] = {}  # resolved path -> (how it was named, is a directory)
+        for item in inputs:
+            self.add_input(item)
+
+    def add_input(self, item: str | os.PathLike | None) -> None:
+        """A path the command reads; strings that are no existing local path (hub ids, dataset names,
+        ``file:`` prefixes are stripped) are ignored."""
+        if item is None:
+            return
+        text = str(item)
+        text = text[len("file:"):] if text.startswith("file:") else text
+        if not text or text == "-":
+            return
+        path = Path(text).expanduser()
+        if path.exists():
+            self.inputs.append(path.resolve())
+
+    # -- shared checks
+    def _claim(self, path: Path, label: str, is_dir: bool) -> None:
+        """Two outputs may not be one path, nor one directory output inside another (a results
+        file inside the command's own output directory is fine: run's eval.json)."""
+        if path in self.outputs:
+            raise OutputError(f"{label} and {self.outputs[path][0]} are the same path; give each output its own path")
+        for other, (other_label, other_dir) in self.outputs.items():
+            if is_dir and other_dir and (_within(path, other) or _within(other, path)):
+                raise OutputError(f"{label} and {other_label} overlap; give each output its own directory")
+        self.outputs[path] = (label, is_dir)
+
+    def _against_inputs(self, path: Path, label: str, *, results_file: bool) -> None:
+        for src in self.inputs:
+            what = _describe_input(src)
+            if path == src:
+                raise OutputError(f"refusing to write {label}: it is the {what} {src}")
+            if src in path.parents:
+                if results_file and _is_checkpoint_dir(src) and self._results_name(path, src):
+                    continue
+                hint = " (only results files such as eval.json may go beside a checkpoint's weights)" \
+                    if results_file and _is_checkpoint_dir(src) else ""
+                raise OutputError(f"refusing to write {label}: it is inside the {what} {src}{hint}")
+            if path in src.parents:
+                raise OutputError(f"refusing to write {label}: it holds the {what} {src}")
+
+    @staticmethod
+    def _results_name(path: Path, checkpoint: Path) -> bool:
+        if path.parent != checkpoint:
+            return False
+        name = path.name
+        return path.suffix in RESULT_SUFFIXES and name not in _LOADER_FILES and not name.endswith(".index.json")
+
+    # -- outputs
+    def file(self, path: str | os.PathLike, *, kind: str, flag: str) -> Path:
+        """A file output of ``kind`` (results | report | markdown | png), named on the command line as ``flag``."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown output kind {kind!r}")
+        out = _abs(path)
+        label = f"{flag} {path}" if flag else str(path)
+        self._against_inputs(out, label, results_file=True)
+        if out.is_dir():
+            raise OutputError(f"{label} is a directory; give a file path")
+        if out.exists() and not written_by_compresskit(out, kind):
+            raise OutputError(
+                f"refusing to overwrite {out}: it exists and is not a compresskit {kind} file; remove it or choose another path"
+            )
+        check_writable(out, label.split(" ", 1)[0] if flag else "output")
+        self._claim(out, label, is_dir=False)
+        return out
+
+    def directory(self, path: str | os.PathLike, *, force: bool, flag: str = "--out") -> Path:
+        """A checkpoint-like output directory, replaced only with ``force`` and only when safe."""
+        out = _abs(path)
+        label = f"{flag} {path}" if flag else str(path)
+        self._against_inputs(out, label, results_file=False)
+        cwd = Path.cwd().resolve()
+        if _within(cwd, out):
+            raise OutputError(f"refusing to write {label}: it is the current directory or one of its parents")
+        if out.exists() or out.is_symlink():
+            if not out.is_dir():
+                raise OutputError(f"output {out} exists and is not a directory")
+            replaceable = _is_checkpoint_dir(out) or not any(out.iterdir())
+            if not replaceable:
+                raise OutputError(
+                    f"output {out} exists and is neither a compresskit checkpoint nor empty; choose a new directory "
+                    "(--force only replaces an earlier checkpoint)"
+                )
+            if not force:
+                raise OutputError(f"output {out} already exists; pass --force to replace it")
+            check_writable(out, "output")
+        else:
+            check_writable(out, "output")
+        self._claim(out, label, is_dir=True)
+        return out
+
+
+# ----------------------------------------------------------------------------- writing
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` atomically (temporary sibling, then rename); ``OSError`` becomes ``OutputError``."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
