@@ -4,6 +4,11 @@
 outlier ratio D per block plus the allocation it implies; ``"alpha"`` reports the Hill α of every
 decoder linear, the block means and the AlphaPruning allocation. Other metrics register with
 ``register_metric`` (WeLore's singular-value profiles do).
+
+``plot`` (and the spectrum metric's ``options["plot"]``) is a PNG file: a name without a suffix
+gets ``.png`` (the report says the real path), a directory or another suffix is refused, and the
+path is checked with ``outputs.OutputGuard`` (not an input, writable, not a foreign file) before
+anything is loaded or computed.
 """
 
 from __future__ import annotations
@@ -11,7 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import InputError
+from .errors import InputError, OutputError
+
+#: The ``Software`` text chunk of every PNG compresskit draws (``outputs`` recognises its own plots by it).
+PNG_METADATA = {"Software": "compresskit"}
 
 _METRICS: dict[str, Callable[..., dict]] = {}
 
@@ -94,14 +102,45 @@ def analyze(model: str | Any, metric: str, *, sparsity: float | None = 0.7, opti
         raise InputError(f"unknown metric '{metric}'; choose one of: {', '.join(sorted(_METRICS))}")
     if sparsity is not None and not 0 <= sparsity < 1:
         raise InputError(f"--sparsity must be in [0, 1), got {sparsity}")
+    options = dict(options or {})
+    inputs = [model if isinstance(model, str) else None, job_kwargs.get("calib")]
+    if plot is not None:
+        plot = check_plot_path(plot, inputs)
+    if options.get("plot") is not None:
+        options["plot"] = check_plot_path(options["plot"], inputs)
     job = build_job(model, tokenizer=tokenizer, sparsity=sparsity, **job_kwargs)
-    report = _METRICS[metric](job, dict(options or {}))
+    report = _METRICS[metric](job, options)
     report["model"] = model if isinstance(model, str) else getattr(job.model.config, "_name_or_path", "in-memory")
     report["blocks"] = [job.adapter.block_name(i) for i in range(job.adapter.num_blocks)]
     if plot is not None:
-        plot_report(report, Path(plot))
+        plot_report(report, plot)
         report["plot"] = str(plot)
     return report
+
+
+def check_plot_path(plot: str | Path, inputs=()) -> Path:
+    """The PNG file ``--plot`` will write, refused with one line before any compute when it is a
+    directory, not a PNG name, an input, a file compresskit did not write, or not writable."""
+    from .outputs import OutputGuard
+
+    text = str(plot)
+    path = Path(text).expanduser()
+    if path.is_dir() or text.endswith(("/", "\\")):
+        raise InputError(f"--plot {text} is a directory; give a PNG file such as {path / 'analyze.png'}")
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    elif path.suffix.lower() != ".png":
+        raise InputError(f"--plot writes a PNG image; give a .png file name, got {text}")
+    return OutputGuard(inputs).file(path, kind="png", flag="--plot")
+
+
+def save_figure(fig, path: Path) -> None:
+    """``fig`` as a PNG marked as compresskit's; a write failure is one ``OutputError`` line."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110, format="png", metadata=PNG_METADATA)
+    except OSError as exc:
+        raise OutputError(f"cannot write --plot {path}: {exc.strerror or exc}") from None
 
 
 def plot_report(report: dict, path: Path) -> None:
@@ -119,6 +158,7 @@ def plot_report(report: dict, path: Path) -> None:
         ax.set_xlabel("block")
     fig.suptitle(f"{report['metric']} — {report.get('model', '')}")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)

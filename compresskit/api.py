@@ -218,6 +218,9 @@ def build_job(
     if num_incontext is not None:
         spec_kwargs["num_incontext"] = num_incontext
     calibration = CalibrationSpec(**spec_kwargs)
+    from .calibration.registry import parse_source
+
+    parse_source(calib, text_field=text_field)  # a malformed or unknown --calib fails before the model loads
     if isinstance(model, str) and (Path(model).expanduser() / MANIFEST_NAME).is_file():
         # A compresskit checkpoint as input (a second stage): rebuild its replaced modules too.
         model_obj, tok = load_with_tokenizer(model, dtype=None if dtype == "auto" else _torch_dtype(dtype))

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from .console import console
 
 
 def register(app: typer.Typer) -> None:
@@ -24,11 +25,12 @@ def register(app: typer.Typer) -> None:
         rank_reduction: Optional[float] = typer.Option(None, help="WeLore rank reduction previewed (spectrum) [default 0.5]."),
         min_ratio: Optional[float] = typer.Option(None, help="WeLore LRC threshold (spectrum) [default 0.5]."),
         calib: str = typer.Option("c4", help="Calibration source (owl only)."),
+        text_field: Optional[str] = typer.Option(None, "--text-field", help="Text column of --calib records [default: text]."),
         nsamples: int = typer.Option(128), seqlen: int = typer.Option(2048), seed: int = typer.Option(0),
         include: Optional[str] = typer.Option(None), exclude: Optional[str] = typer.Option(None),
         device: str = typer.Option("auto"), dtype: str = typer.Option("auto"),
         batch_size: int = typer.Option(8),
-        plot: Optional[Path] = typer.Option(None, help="Write a per-block bar chart (PNG; spectrum: σ̂ curves per matrix)."),
+        plot: Optional[Path] = typer.Option(None, help="Write a per-block bar chart to this PNG file (.png added when missing; spectrum: σ̂ curves per matrix)."),
         json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     ):
         """Per-layer statistics of a model, and the allocation they imply; nothing is pruned."""
@@ -36,9 +38,10 @@ def register(app: typer.Typer) -> None:
 
         options = {"owl_m": owl_m, "owl_lambda": owl_lambda, "alpha_epsilon": alpha_epsilon, "alpha_metric": alpha_metric,
                    "rank_reduction": rank_reduction, "min_ratio": min_ratio}
-        if metric == "spectrum":  # draws its own figure (σ̂ curves), not the generic per-block bars
+        if metric in ("spectrum", "experts"):  # draw their own figures (σ̂ curves; layer × expert heat maps)
             options["plot"], plot = plot, None
-        report = run(model, metric, sparsity=sparsity, options=options, plot=plot, calib=calib, nsamples=nsamples,
+        report = run(model, metric, sparsity=sparsity, options=options, plot=plot, calib=calib, text_field=text_field,
+                     nsamples=nsamples,
                      seqlen=seqlen, seed=seed, include=include, exclude=exclude, device=device, dtype=dtype,
                      batch_size=batch_size)
         if json_out:
@@ -52,6 +55,6 @@ def register(app: typer.Typer) -> None:
         for i in range(len(report["blocks"])):
             vals = [report["per_block"][c][i] for c in cols]
             table.add_row(str(i), *("-" if v is None else f"{v:.4f}" for v in vals))
-        Console().print(table)
+        console().print(table)
         if report.get("plot"):
-            Console().print(f"plot written to {report['plot']}")
+            console().print(f"plot written to {report['plot']}")

@@ -180,6 +180,9 @@ def plot_spectra(spectra: dict[str, torch.Tensor], report: dict, path: Path, tit
     fig.suptitle(f"WeLore spectra — {title} (rank reduction {config['rank_reduction']:g}, "
                  f"min ratio {config['min_ratio']:g})")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from compresskit.analyze import save_figure  # marks the PNG as compresskit's, one-line errors
+
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
