@@ -14,7 +14,9 @@ Used by ``tests/test_hostile_inputs.py`` (faults, data loss) and ``tests/test_ho
   every watched tree (the input model, the checkpoint, ``tmp``, every path named on the command
   line, or the nearest existing parent of a path that does not exist) hashes the same before and
   after (unless ``changes=True``).
-* ``make_inputs(root, model) -> Ctx`` — shared inputs (calibration jsonl, text, a tiny checkpoint).
+* ``make_inputs(root, model) -> Ctx`` — shared inputs: calibration jsonl, text, a magnitude
+  checkpoint, and as extra placeholders ``{welore}`` (a low-rank checkpoint) and ``{results}`` (an
+  eval results JSON).
 * ``run_checked(args, *, exit_code=2, needle=None, watch=(), cwd=None) -> CliResult`` — the same
   for a plain argument list, without a ``Ctx``.
 * ``assert_one_error_line(res, exit_code=2, needle=None)``, ``tree_digest(path)``,
@@ -91,7 +93,15 @@ def make_inputs(root: Path, model: Path) -> Ctx:
     text.write_text(CALIB_TEXT * 40)
     ckpt = root / "ckpt"
     compresskit.prune(str(model), "magnitude", sparsity=0.5, out=ckpt, device="cpu")
-    return Ctx(tmp=root, model=model, ckpt=ckpt, calib=calib, text=text)
+    welore = root / "welore"  # low-rank factors: a rank map in the manifest
+    compresskit.prune(str(model), "welore", out=welore, device="cpu", method_options={"rank_reduction": 0.5})
+    from compresskit.evaluation.results import EvalResult, ModelInfo, PerplexityResult
+
+    results = root / "dense.json"  # a results file (schema v1) for compare / --json rows
+    EvalResult(model=ModelInfo(path="dense"), perplexity={
+        "val": PerplexityResult(value=12.5, seqlen=16, n_windows=2, tokens=32)}).save(results)
+    return Ctx(tmp=root, model=model, ckpt=ckpt, calib=calib, text=text,
+               extra={"welore": welore, "results": results})
 
 
 # ----------------------------------------------------------------------------- hashing
@@ -220,6 +230,6 @@ def run_row(row: Row, ctx: Ctx, monkeypatch=None) -> CliResult:
     args = row.args(ctx) if callable(row.args) else row.args
     args = [ctx.format(a) for a in args]
     cwd = row.cwd(ctx) if callable(row.cwd) else (Path(ctx.format(row.cwd)) if row.cwd else None)
-    watch = [p for p in (ctx.model, ctx.ckpt, ctx.calib, ctx.text, ctx.tmp) if p is not None]
+    watch = [p for p in (ctx.model, ctx.ckpt, ctx.calib, ctx.text, ctx.tmp, *ctx.extra.values()) if p is not None]
     watch += [Path(ctx.format(w)) for w in row.watch] + [Path(p) for p in extra]
     return run_checked(args, exit_code=row.exit_code, needle=row.needle, watch=watch, cwd=cwd, changes=row.changes)
