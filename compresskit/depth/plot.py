@@ -32,8 +32,7 @@ def plot_removed(details: dict, path: str | Path, title: str = "") -> Path:
                 grid[r["block"], j] = r[key]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, max(3.0, 0.22 * n + 1.5)),
                                   gridspec_kw={"width_ratios": [1, 1.6]})
-    cmap = matplotlib.colormaps["viridis_r"].copy()
-    cmap.set_bad("#eeeeee")
+    cmap = matplotlib.colormaps["viridis_r"].with_extremes(bad="#eeeeee")
     ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=1, vmax=steps, interpolation="nearest")
     for i in range(n):
         for j in range(2):
