@@ -3,9 +3,13 @@ on the benchmark's model and calibration tokens, for speed ratios measured in th
 
 We may not commit their code. Fetch it once into one directory and pass ``--reference-dir``:
 
-    mkdir -p refs
+    cd benchmarks && mkdir -p refs     # benchmarks/refs/ is git-ignored
     git clone https://github.com/locuslab/wanda refs/wanda && git -C refs/wanda checkout 8e8fc87b4a2f9955baa7e76e64d5fce7fa8724a6
     git clone https://github.com/luuyin/OWL refs/OWL && git -C refs/OWL checkout dddb7a4bffe27c73e4c8cf692b3a5e36401532c8
+    cd .. && python benchmarks/speed_llama7b.py --reference-dir benchmarks/refs
+
+Only ``lib/`` of each checkout is used (a GPU machine without network can be handed just
+``benchmarks/refs/wanda/lib`` and ``benchmarks/refs/OWL/lib``, a few hundred KB).
 
 Each repository's ``lib/`` (no ``__init__.py``) is imported as its own package (``ref_wanda``,
 ``ref_owl``: both call it ``lib``). Only what the references cannot do on transformers ≥ 5 or
