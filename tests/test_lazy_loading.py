@@ -59,6 +59,7 @@ def test_lazy_blocks_are_bit_identical_to_from_pretrained(family, tmp_path):
     _assert_identical(tmp_path, torch.randint(0, 8000, (2, 12)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MOE_FIXTURES)
 def test_lazy_moe_fixtures_fuse_experts_exactly_like_from_pretrained(name):
     path = shared_models_dir() / name

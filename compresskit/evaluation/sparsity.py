@@ -1,7 +1,9 @@
 """Measured sparsity of the decoder linears (the papers' ``check_sparsity``).
 
 "Sparsity" in every paper here means the zero fraction of the decoder blocks' linear weights,
-not of the whole model: embeddings, lm_head and norms are never counted.
+not of the whole model: embeddings, lm_head and norms are never counted. Each block is read
+through ``models.placement.onload`` (on CPU), so a lazily loaded model is measured one block at
+a time; parameter counts need no weights at all (``numel`` of meta tensors).
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+
+from ..models.placement import onload
 
 
 def measure_sparsity(adapter) -> dict:
@@ -18,7 +22,7 @@ def measure_sparsity(adapter) -> dict:
     zeros_total = numel_total = 0
     for i in range(adapter.num_blocks):
         scope = adapter.unfused_experts(i) if hasattr(adapter, "unfused_experts") else nullcontext()
-        with scope:
+        with onload(adapter.block(i), "cpu"), scope:
             zeros_block = numel_block = 0
             prefix = adapter.block_name(i)
             for local, module in adapter.prunable_linears(i).items():
