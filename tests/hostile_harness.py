@@ -223,7 +223,9 @@ def run_checked(args: Sequence[Any], *, exit_code: int = 2, needle: str | None =
 
 def run_row(row: Row, ctx: Ctx, monkeypatch=None) -> CliResult:
     """Set up and run one table row (see the module docstring)."""
-    extra = list(row.setup(ctx) or []) if row.setup is not None else []
+    made = row.setup(ctx) if row.setup is not None else None
+    made = [made] if isinstance(made, (str, Path)) else list(made or [])
+    extra = [p for p in made if isinstance(p, (str, Path))]  # setups may return a path, paths, or anything
     if row.patch is not None:
         assert monkeypatch is not None, f"row {row.id} patches: pass monkeypatch"
         row.patch(monkeypatch, ctx)

@@ -2,8 +2,10 @@
 
 The key covers the spec, the resolved source definition and the tokenizer's identity, so a hit
 never needs the source: an offline machine, or a deleted input file, still gets its samples.
-Local files are additionally stamped with size and mtime: when the file still exists and has
-changed, the entry is stale and rebuilt. Writes are atomic (temporary sibling + ``os.replace``).
+Local files are additionally stamped with the sha256 of their content (not size and mtime, which
+new content can share): when the file still exists and its content changed, the entry is stale and
+rebuilt, so the samples and the hash a manifest records always come from the file as it is now.
+Writes are atomic (temporary sibling + ``os.replace``).
 """
 
 from __future__ import annotations
@@ -35,23 +37,31 @@ def tokenizer_identity(tokenizer) -> str:
     return f"{type(tokenizer).__name__}|{name}|{len(tokenizer)}|{specials}|{digest}"
 
 
-def file_stamp(path: str | None) -> list[int] | None:
-    """(size, mtime_ns) of a local source file, None if it is absent or not a file source."""
+def file_stamp(path: str | None) -> str | None:
+    """``"sha256:<hex>"`` of a local source file's content, None if it is absent or not a file source.
+
+    The whole file is hashed on every call (about 1 GB/s): no (size, mtime) memo can tell two
+    contents apart when a rewrite keeps both, so none is used.
+    """
     if not path:
         return None
+    digest = hashlib.sha256()
     try:
-        stat = os.stat(path)
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
     except OSError:
         return None
-    return [stat.st_size, stat.st_mtime_ns]
+    return f"sha256:{digest.hexdigest()}"
 
 
 def cache_path(key: str) -> Path:
     return cache_dir() / "calibration" / f"{key}.pt"
 
 
-def read_entry(key: str, stamp: list[int] | None) -> dict[str, Any] | None:
-    """The cached entry, or None when absent, unreadable, or stale (its file changed)."""
+def read_entry(key: str, stamp: str | None) -> dict[str, Any] | None:
+    """The cached entry, or None when absent, unreadable, or stale (its file's content changed, or
+    it was stamped by an older compresskit with size and mtime)."""
     path = cache_path(key)
     if not path.is_file():
         return None
@@ -62,7 +72,7 @@ def read_entry(key: str, stamp: list[int] | None) -> dict[str, Any] | None:
     if not isinstance(entry, dict) or "input_ids" not in entry:
         return None
     cached_stamp = entry.get("file_stamp")
-    if stamp is not None and cached_stamp is not None and list(cached_stamp) != list(stamp):
+    if stamp is not None and cached_stamp is not None and cached_stamp != stamp:
         return None
     return entry
 
