@@ -157,6 +157,7 @@ def prune(
         "exclude": exclude,
         "device": str(dev),
         "batch_size": batch_size,
+        "loading": getattr(model_obj, "_compresskit_loading", "in-memory: model object passed in"),
         **(memory.record() if memory is not None else {}),
         **({"data_parallel_ranks": distributed.world_size()} if distributed.is_active() else {}),
         **job.pruner_options,
@@ -208,7 +209,7 @@ def build_job(
     Options are validated before the model is loaded (``seqlen`` against the model's position
     limit when calibration data is first needed: ``PruneJob.calibration_data``)."""
     from .calibration import CalibrationSpec
-    from .models import get_adapter, load_model
+    from .models import get_adapter
 
     pat = Pattern.parse(pattern)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -221,11 +222,12 @@ def build_job(
     from .calibration.registry import parse_source
 
     parse_source(calib, text_field=text_field)  # a malformed or unknown --calib fails before the model loads
-    if isinstance(model, str) and (Path(model).expanduser() / MANIFEST_NAME).is_file():
-        # A compresskit checkpoint as input (a second stage): rebuild its replaced modules too.
-        model_obj, tok = load_with_tokenizer(model, dtype=None if dtype == "auto" else _torch_dtype(dtype))
-    elif isinstance(model, str):
-        model_obj, tok = load_model(model, dtype=dtype, device="cpu", revision=revision)
+    if isinstance(model, str):
+        # Decoder blocks stay on disk until onload reads them (checkpoint/lazy_input.py); a
+        # compresskit checkpoint (a second stage) gets its replaced modules rebuilt too.
+        from .checkpoint.lazy_input import load_input
+
+        model_obj, tok = load_input(model, dtype=dtype, revision=revision)
     else:
         model_obj, tok = model, tokenizer
     return PruneJob(

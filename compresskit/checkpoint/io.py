@@ -137,10 +137,13 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, manifest: Manifest, f
                     max_shard_size: str = "2GB") -> Path:
     """Write safetensors shards, config, tokenizer and the manifest, atomically."""
     out = Path(out_dir).expanduser().resolve()
+    from .writer import write_model
+
     with atomic_directory(out, force=force) as tmp:
-        # With replaced modules, keep the model's own keys (e.g. fused MoE experts): load() checks them
-        # strictly against the rebuilt model, which transformers' per-expert "original format" would fail.
-        model.save_pretrained(tmp, max_shard_size=max_shard_size, save_original_format=not manifest.structure)
+        # Streamed block by block through onload (checkpoint/writer.py): the full state dict is never
+        # in memory. With replaced modules, keep the model's own keys (e.g. fused MoE experts): load()
+        # checks them strictly against the rebuilt model, which the per-expert "original format" would fail.
+        write_model(model, tmp, max_shard_size=max_shard_size, original_format=not manifest.structure)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         manifest.write(tmp)

@@ -16,7 +16,7 @@ from ..allocation.alpha import MAPPINGS, allocate_alpha, esd_metric
 from ..analysis.spectra import model_singular_values, weights_fingerprint
 from ..errors import InputError
 from .base import MethodConfig, MethodResult, PruneJob, register
-from .sparsify import _expert_scope, prune_blocks, target_linears
+from .sparsify import _expert_scope, onloaded_weights, prune_blocks, target_linears
 
 
 class AlphaConfig(MethodConfig):
@@ -36,17 +36,19 @@ class AlphaConfig(MethodConfig):
 
 
 def matrix_alphas(job: PruneJob, metric: str) -> tuple[list[str], list[int], list[int], list[float]]:
-    """(full names, block index, numel, α) of every targeted decoder linear, in block order."""
-    names, blocks, numels, weights = [], [], [], []
+    """(full names, block index, numel, α) of every targeted decoder linear, in block order.
+
+    Weights are read block by block through ``onload`` (twice: the cache fingerprint, then the
+    spectra), so a lazily loaded model never holds more than one block."""
+    names, blocks, numels = [], [], []
     for i in range(job.adapter.num_blocks):
         with _expert_scope(job, i):
             for local, module in target_linears(job, i).items():
                 names.append(f"{job.adapter.block_name(i)}.{local}")
                 blocks.append(i)
                 numels.append(module.weight.numel())
-                weights.append(module.weight.detach())
-    key = weights_fingerprint(zip(names, weights))
-    sigma = model_singular_values(zip(names, weights), cache_key=key, device=job.device,
+    key = weights_fingerprint(onloaded_weights(job, "cpu"))
+    sigma = model_singular_values(onloaded_weights(job), cache_key=key, device=job.device,
                                   progress=job.progress is None)
     alphas = [esd_metric(sigma[n].double() ** 2, metric) for n in names]
     return names, blocks, numels, alphas

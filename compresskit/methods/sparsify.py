@@ -27,6 +27,7 @@ from ..engine.memory_plan import (
     statistic_bytes,
 )
 from ..errors import InputError
+from ..models.placement import onload
 from ..pruning import PRUNERS, Pattern, check_divisible
 from .base import PruneJob
 
@@ -44,6 +45,18 @@ def target_linears(job: PruneJob, block_index: int) -> dict[str, nn.Linear]:
             continue
         chosen[local] = module
     return chosen
+
+
+def onloaded_weights(job: PruneJob, device=None, unfused: bool = True, only=None):
+    """``(full name, weight)`` of every targeted linear (or of those in ``only``), block by block,
+    each block materialised through ``onload`` only while its weights are consumed (consume the
+    generator fully)."""
+    for i in range(job.adapter.num_blocks):
+        with onload(job.adapter.block(i), device or job.device), (_expert_scope(job, i) if unfused else nullcontext()):
+            prefix = job.adapter.block_name(i)
+            for local, module in target_linears(job, i).items():
+                if only is None or f"{prefix}.{local}" in only:
+                    yield f"{prefix}.{local}", module.weight.detach()
 
 
 def check_selection(job: PruneJob) -> None:
@@ -160,7 +173,7 @@ def prune_blocks(
     if spec.needs == "none":
         # Magnitude needs no data: no forward passes at all.
         for i in range(n_blocks):
-            with _expert_scope(job, i):
+            with onload(job.adapter.block(i), job.device), _expert_scope(job, i):
                 for local, module in target_linears(job, i).items():
                     prune_matrix(i, local, module, None)
             report(i + 1, n_blocks, job.adapter.block_name(i))

@@ -35,8 +35,9 @@ from ..analysis.spectra import model_singular_values, weights_fingerprint
 from ..errors import InputError
 from ..lowrank.layer import LowRankLinear, replace_with_lowrank
 from ..lowrank.plan import DEFAULT_MIN_RATIO, WELORE_TAU_TABLE, WeLorePlan, plan_ranks, uniform_plan
+from ..models.placement import onload
 from .base import MethodConfig, MethodResult, PruneJob, register
-from .sparsify import target_linears
+from .sparsify import onloaded_weights, target_linears
 
 
 class WeLoreConfig(MethodConfig):
@@ -110,9 +111,11 @@ def welore_spectra(job: PruneJob) -> tuple[dict[str, torch.Tensor], dict[str, tu
     targets = welore_targets(job)
     if not targets:
         raise InputError("no decoder linear to factorise; check --include / --exclude")
-    named = [(name, module.weight.detach()) for name, module in targets.items()]
-    key = weights_fingerprint(named)
-    spectra = model_singular_values(named, cache_key=key, device=job.device, progress=job.progress is None)
+    # Block by block through onload (a lazily loaded model holds one block at a time); fused
+    # routed experts are not targets, so the experts stay fused here.
+    key = weights_fingerprint(onloaded_weights(job, "cpu", unfused=False, only=targets))
+    spectra = model_singular_values(onloaded_weights(job, unfused=False, only=targets), cache_key=key,
+                                    device=job.device, progress=job.progress is None)
     shapes = {name: (module.out_features, module.in_features) for name, module in targets.items()}
     return spectra, shapes
 
@@ -124,15 +127,35 @@ def make_plan(spectra, shapes, rank_reduction: float, min_ratio: float, uniform:
     return plan_ranks(spectra, shapes, rank_reduction, min_ratio)
 
 
+def _per_block(job: PruneJob, rank_map: dict[str, int]):
+    """``(block module, {name: rank} of that block)`` for every block holding planned matrices."""
+    for i in range(job.adapter.num_blocks):
+        prefix = job.adapter.block_name(i) + "."
+        ranks = {name: rank for name, rank in rank_map.items() if name.startswith(prefix)}
+        if ranks:
+            yield job.adapter.block(i), ranks
+
+
 @torch.no_grad()
 def merge_lowrank(job: PruneJob, plan: WeLorePlan, spectra) -> dict[str, int]:
     """``--merge``: overwrite each LRC's dense weight by its rank-k truncation U·V (same module)."""
     rank_map = plan.rank_map
-    for name, rank in rank_map.items():
-        linear = job.model.get_submodule(name)
-        factors = LowRankLinear.from_linear(linear, rank, spectra.get(name), svd_device=job.device)
-        linear.weight.copy_(factors.merged_weight())
+    for block, ranks in _per_block(job, rank_map):
+        with onload(block, job.device):
+            for name, rank in ranks.items():
+                linear = job.model.get_submodule(name)
+                factors = LowRankLinear.from_linear(linear, rank, spectra.get(name), svd_device=job.device)
+                linear.weight.copy_(factors.merged_weight())
     return rank_map
+
+
+def factorise(job: PruneJob, plan: WeLorePlan, spectra) -> dict[str, int]:
+    """Swap each LRC for its ``LowRankLinear``, block by block inside ``onload`` (the new factors
+    are kept: released with the block, or spilled for a lazily loaded model)."""
+    for block, ranks in _per_block(job, plan.rank_map):
+        with onload(block, job.device):
+            replace_with_lowrank(job.model, ranks, spectra=spectra, svd_device=job.device)
+    return plan.rank_map
 
 
 def run_welore(job: PruneJob, config: WeLoreConfig) -> MethodResult:
@@ -144,7 +167,7 @@ def run_welore(job: PruneJob, config: WeLoreConfig) -> MethodResult:
     if config.merge:
         rank_map = merge_lowrank(job, plan, spectra)
     else:
-        rank_map = replace_with_lowrank(job.model, plan, spectra=spectra, svd_device=job.device)
+        rank_map = factorise(job, plan, spectra)
     factorise_s = time.perf_counter() - t0
     if job.progress is not None:
         job.progress("welore", len(rank_map), len(rank_map), f"{len(rank_map)} matrices factorised")
