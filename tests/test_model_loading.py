@@ -133,7 +133,7 @@ def test_a_file_is_not_a_model_directory(tmp_path):
 
 def test_not_a_causal_lm(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit", "architectures": ["ViTModel"]}))
-    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")  # valid, no tensors
     tiny_tokenizer().save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match=r"'vit' \(ViTModel\) is not a causal language model"):
         load_model(str(tmp_path))
