@@ -71,10 +71,10 @@ def prune(
     sparsity: float | None = None,
     pattern: str = "unstructured",
     pruner: str | None = None,
-    calib: str = "c4",
+    calib: str | None = None,
     calib_format: str = "window",
-    nsamples: int = 128,
-    seqlen: int = 2048,
+    nsamples: int | None = None,
+    seqlen: int | None = None,
     seed: int = 0,
     num_incontext: int | None = None,
     text_field: str | None = None,
@@ -93,9 +93,15 @@ def prune(
     tokenizer: Any = None,
     progress: Progress | None = None,
 ) -> PruneOutcome:
-    """Compress ``model`` (hub id, local dir, built-in name, or an already loaded model) with ``method``."""
+    """Compress ``model`` (hub id, local dir, built-in name, or an already loaded model) with ``method``.
+
+    ``calib`` / ``nsamples`` / ``seqlen`` left as None take the method's paper defaults (c4,
+    128 × 2048 for the Wanda lineage; FinerCut's 10 × 256 WikiText-2; CD-MoE's 100 × 256 C4)."""
     t_start = time.perf_counter()
     entry = get_method(method)
+    calib = entry.calibration_setting("calib", calib)
+    nsamples = entry.calibration_setting("nsamples", nsamples)
+    seqlen = entry.calibration_setting("seqlen", seqlen)
     pat = _validate_common(sparsity, pattern, pruner, entry)
     config = _method_config(entry, method_options or {})
     pruner_name = pruner or entry.default_pruner or "wanda"

@@ -38,12 +38,13 @@ class _Strict(BaseModel):
 
 
 class Calibration(_Strict):
-    """Calibration data shared by every stage (the papers': C4, 128 × 2048, seed 0)."""
+    """Calibration data shared by every stage; unset source / nsamples / seqlen take each stage's
+    method defaults (the papers': C4 128 × 2048 for the Wanda lineage, FinerCut 10 × 256 WikiText-2)."""
 
-    source: str = "c4"
+    source: str | None = None
     format: str = "window"
-    nsamples: int = Field(128, ge=1)
-    seqlen: int = Field(2048, ge=1)
+    nsamples: int | None = Field(None, ge=1)
+    seqlen: int | None = Field(None, ge=1)
     seed: int = 0
     num_incontext: int | None = Field(None, ge=0)
     batch_size: int = Field(8, ge=1)

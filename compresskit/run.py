@@ -85,7 +85,7 @@ def _check_outputs(recipe: Recipe) -> None:
     calib = recipe.calibration.source
     ev = recipe.evaluation
     baseline_file = recipe.baseline if recipe.baseline.endswith(".json") else None
-    guard = OutputGuard([recipe.model, recipe.source, calib if calib.startswith("file:") else None,
+    guard = OutputGuard([recipe.model, recipe.source, calib if calib and calib.startswith("file:") else None,
                          *ev.ppl_files, *ev.task_files, baseline_file])
     for path in stage_dirs(recipe):
         guard.directory(path, force=recipe.force, flag="")

@@ -230,3 +230,26 @@ def test_interrupted_save_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
         compresskit.prune(str(src), "magnitude", sparsity=0.5, out=out, device="cpu")
     assert not out.exists()
     assert os.listdir(tmp_path) == []
+
+
+def test_method_calibration_defaults_are_the_papers(monkeypatch):
+    """Unset --calib / --nsamples / --seqlen take each method's paper setting; given values win."""
+    from compresskit import api
+    from compresskit.methods import get_method
+
+    wanda, finercut, cdmoe = get_method("wanda"), get_method("finercut"), get_method("cdmoe")
+    assert [wanda.calibration_setting(k, None) for k in ("calib", "nsamples", "seqlen")] == ["c4", 128, 2048]
+    assert [finercut.calibration_setting(k, None) for k in ("calib", "nsamples", "seqlen")] == ["wikitext2", 10, 256]
+    assert [cdmoe.calibration_setting(k, None) for k in ("calib", "nsamples", "seqlen")] == ["c4", 100, 256]
+    assert finercut.calibration_setting("nsamples", 4) == 4
+
+    seen = {}
+
+    def fake_build_job(model, **kwargs):
+        seen.update(kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(api, "build_job", fake_build_job)
+    with pytest.raises(SystemExit):
+        api.prune("smollm2-135m", "finercut", method_options={"remove": 0.25}, device="cpu")
+    assert (seen["calib"], seen["nsamples"], seen["seqlen"]) == ("wikitext2", 10, 256)

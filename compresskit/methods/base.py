@@ -82,13 +82,23 @@ class MethodEntry:
     needs_calibration: Callable[[PruneJob, MethodConfig], bool]
     default_pruner: str | None = None  # the pruner a method name implies ("wanda" -> wanda)
     kind: str = "sparsity"  # "sparsity" (takes --sparsity / --pattern) or "structural"
+    #: the paper's calibration where it differs from the Wanda lineage's c4 128 × 2048 (source, nsamples, seqlen)
+    calibration_defaults: dict = field(default_factory=dict)
+
+    def calibration_setting(self, name: str, given):
+        """``given`` when the user set it, else this method's paper default, else the global default."""
+        if given is not None:
+            return given
+        return self.calibration_defaults.get(name, CALIBRATION_DEFAULTS[name])
 
 
 METHODS: dict[str, MethodEntry] = {}
+#: Wanda / SparseGPT / OWL / AlphaPruning: 128 C4 windows of 2048 tokens (methods.md §1.2)
+CALIBRATION_DEFAULTS = {"calib": "c4", "nsamples": 128, "seqlen": 2048}
 
 
 def register(name: str, config_cls: type[MethodConfig], description: str, needs_calibration=None, default_pruner=None,
-             kind: str = "sparsity"):
+             kind: str = "sparsity", calibration_defaults: dict | None = None):
     def deco(fn):
         METHODS[name] = MethodEntry(
             name=name,
@@ -98,6 +108,7 @@ def register(name: str, config_cls: type[MethodConfig], description: str, needs_
             needs_calibration=needs_calibration or (lambda job, cfg: True),
             default_pruner=default_pruner,
             kind=kind,
+            calibration_defaults=dict(calibration_defaults or {}),
         )
         return fn
 

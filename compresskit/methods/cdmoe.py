@@ -96,4 +96,6 @@ register(
     "CD-MoE: condense MoE layers into dense MLPs of shared + greedily chosen experts (--experts, --layers)",
     needs_calibration=lambda job, cfg: cfg.from_order is None,
     kind="structural",
+    # the reference: 100 C4 texts truncated to 256 tokens (methods.md §7.1-7.2)
+    calibration_defaults={"calib": "c4", "nsamples": 100, "seqlen": 256},
 )(run_cdmoe)

@@ -168,4 +168,6 @@ register(
     "finercut", FinerCutConfig,
     "FinerCut: greedy removal of attention / MLP sublayers or whole blocks (--remove, --level, --distance)",
     kind="structural",
+    # the reference: 10 sequences x 256 tokens of WikiText-2 (methods.md §8.2)
+    calibration_defaults={"calib": "wikitext2", "nsamples": 10, "seqlen": 256},
 )(run_finercut)
