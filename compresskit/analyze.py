@@ -40,7 +40,7 @@ def available_metrics() -> list[str]:
 def _load_metric_modules() -> None:
     import importlib
 
-    for module in ("compresskit.lowrank.analyze",):
+    for module in ("compresskit.lowrank.analyze", "compresskit.moe.analyze"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError:

@@ -30,12 +30,13 @@ import torch
 
 from .checkpoint import Manifest, check_output_dir, load_with_tokenizer, save_checkpoint
 from .errors import InputError
-from .lowrank.finetune_utils import cosine_with_warmup, freeze_all_but_lowrank
+from .lowrank.finetune_utils import cosine_with_warmup
 from .lowrank.layer import LowRankLinear
 from .training_state import PeakMemory, load_train_state, save_train_state, state_dir_for, training_memory_bytes
 
 Progress = Callable[[str, int, int, str], None]
-NOTHING_TO_TRAIN = "nothing to fine-tune: the checkpoint has no low-rank factors; compress it with --method welore (without --merge) first"
+NOTHING_TO_TRAIN = ("nothing to fine-tune: the checkpoint has no low-rank factors or condensed experts; compress it "
+                    "with --method welore (without --merge) or --method cdmoe first")
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,31 @@ def lowrank_parameters(model) -> dict[str, torch.nn.Parameter]:
             for name, module in model.named_modules() if isinstance(module, LowRankLinear) for part in ("U", "V")}
 
 
+def declared_trainable_modules(manifest: Manifest) -> list[str]:
+    """Module paths a structural stage declares trainable (``method_details.trainable_modules``:
+    CD-MoE's condensed layers), over this checkpoint's stage and every earlier one."""
+    records = [manifest.method_details, *(stage.get("method_details", {}) for stage in manifest.stages)]
+    return list(dict.fromkeys(path for details in records for path in details.get("trainable_modules", []) or []))
+
+
+def trainable_parameters(model, manifest: Manifest) -> dict[str, torch.nn.Parameter]:
+    """Low-rank U / V factors plus every parameter of the declared trainable modules."""
+    params = lowrank_parameters(model)
+    for path in declared_trainable_modules(manifest):
+        params.update({f"{path}.{n}": p for n, p in model.get_submodule(path).named_parameters()})
+    return params
+
+
+def freeze_all_but(model, trainable: dict[str, torch.nn.Parameter]) -> tuple[int, int]:
+    """Only ``trainable`` gets gradients; returns (trainable, total) element counts."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trainable.values():
+        p.requires_grad_(True)
+    params = list(model.parameters())  # deduplicated: tied weights count once
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
 def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
@@ -253,10 +279,10 @@ def finetune(
     from .models.context import check_seqlen
 
     check_seqlen(model, settings.seqlen)
-    trainable = lowrank_parameters(model)
+    trainable = trainable_parameters(model, source_manifest)
     if not trainable:
         raise InputError(NOTHING_TO_TRAIN)
-    n_trainable, n_total = freeze_all_but_lowrank(model)
+    n_trainable, n_total = freeze_all_but(model, trainable)
     ids, mask, data_records = training_windows(settings, tokenizer)
     eval_ids = None
     if settings.eval_data is not None:
@@ -340,7 +366,7 @@ def _read_input_manifest(checkpoint: Path) -> Manifest:
     if unknown:
         raise InputError(f"{checkpoint}: unknown structure kind(s) {', '.join(unknown)} in its manifest "
                          "(written by a newer compresskit?); upgrade compresskit to fine-tune it")
-    if "lowrank" not in kinds:
+    if "lowrank" not in kinds and not declared_trainable_modules(manifest):
         raise InputError(NOTHING_TO_TRAIN)
     return manifest
 
@@ -369,6 +395,12 @@ def measure_full_finetune(checkpoint: Path, settings: FinetuneSettings, device, 
             "losses": losses, "memory_estimate_bytes": training_memory_bytes(n)}
 
 
+def _trainable_label(source: Manifest) -> str:
+    modules = declared_trainable_modules(source)
+    label = "lowrank factors (U, V)"
+    return f"{label} + modules {', '.join(modules)}" if modules else label
+
+
 def _manifest(source: Manifest, checkpoint: Path, model, settings: FinetuneSettings, run: dict) -> Manifest:
     from .evaluation.sparsity import count_parameters, measure_sparsity
     from .models import get_adapter
@@ -383,7 +415,7 @@ def _manifest(source: Manifest, checkpoint: Path, model, settings: FinetuneSetti
         base_model=source.base_model,
         revision=source.revision,
         method="finetune",
-        hyperparameters={**hyper, "trainable": "lowrank factors (U, V)", "optimizer": "AdamW",
+        hyperparameters={**hyper, "trainable": _trainable_label(source), "optimizer": "AdamW",
                          "schedule": "cosine with linear warmup", "device": run["device"],
                          "precision": "bf16 autocast, fp32 factors" if run["device"].startswith("cuda") else "fp32"},
         calibration={"training_data": run["data_records"], "eval_data": run["eval_source"]},

@@ -132,8 +132,8 @@ def test_a_checkpoint_without_factors_has_nothing_to_finetune(cli, tiny_model_di
     res = cli("finetune", merged, "--data", f"file:{sotu_jsonl}", "--steps", "2", "--warmup", "0", "--out", out)
     assert res.exit_code == 2
     assert res.stderr.strip() == (
-        "error: nothing to fine-tune: the checkpoint has no low-rank factors; "
-        "compress it with --method welore (without --merge) first"
+        "error: nothing to fine-tune: the checkpoint has no low-rank factors or condensed experts; "
+        "compress it with --method welore (without --merge) or --method cdmoe first"
     )
     assert not out.exists()
 

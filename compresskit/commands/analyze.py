@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def analyze(
         model: str = typer.Option(..., "--model", "-m", help="Hub id, local directory or built-in name."),
-        metric: str = typer.Option(..., help="owl (outlier ratio D per block) | alpha (Hill α per matrix) | spectrum."),
+        metric: str = typer.Option(..., help="owl (outlier ratio D per block) | alpha (Hill α per matrix) | spectrum | experts (MoE usage, avg_w, REAP saliency)."),
         sparsity: float = typer.Option(0.7, help="Target sparsity used to preview the allocation."),
         owl_m: Optional[float] = typer.Option(None, help="OWL outlier threshold M [default 5]."),
         owl_lambda: Optional[float] = typer.Option(None, help="OWL λ [default 0.08]."),
