@@ -192,3 +192,18 @@ def test_quickstart_from_a_clone_without_shared_data(tmp_path):
     assert "note: calibration data: demo (shipped public-domain sample" in proc.stderr
     assert "note: demo perplexity: text from demo (shipped public-domain sample" in proc.stderr
     assert "demo ppl" in proc.stdout
+
+
+def test_hub_reachable_but_failing_falls_back_only_under_auto(cli, tiny_model_dir, no_mirror, monkeypatch):
+    import datasets
+
+    def broken(*_a, **_k):
+        raise ConnectionError("503 Service Unavailable")
+
+    monkeypatch.setattr("compresskit.evaluation.perplexity.hub_reachable", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", broken)
+    data, _ = _eval_json(cli, tiny_model_dir("llama"), "--ppl", "auto")
+    assert list(data["perplexity"]) == ["demo"]
+    assert "Hugging Face Hub (failed: 503 Service Unavailable)" in data["perplexity"]["demo"]["fallback"]
+    res = cli("eval", tiny_model_dir("llama"), "--ppl", "wikitext2", "--seqlen", "32", "--device", "cpu")
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1 and "failed: 503" in res.stderr

@@ -40,15 +40,19 @@ C4_REVISION = "607bd4c8450a42878aa9ddc051a65a055450ef87"
 
 def _wikitext2_text() -> tuple[str, dict]:
     env = os.environ.get("COMPRESSKIT_WIKITEXT2_FILE")
+    path = Path(env) if env else shared_data_dir() / WIKITEXT2_LOCAL
+    hub_problem = "unreachable"
     if env is None and hub_reachable():
         from datasets import load_dataset
 
-        rows = load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split="test")["text"]
-        return "\n\n".join(rows), {"source": "hub:Salesforce/wikitext:wikitext-2-raw-v1:test", "join": "\\n\\n"}
-    path = Path(env) if env else shared_data_dir() / WIKITEXT2_LOCAL
+        try:
+            rows = load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split="test")["text"]
+            return "\n\n".join(rows), {"source": "hub:Salesforce/wikitext:wikitext-2-raw-v1:test", "join": "\\n\\n"}
+        except Exception as exc:  # noqa: BLE001 - datasets raises many types; the local copy may still serve
+            hub_problem = f"failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
     if not path.exists():
         raise EvaluationError(
-            f"WikiText-2 needs the Hugging Face Hub (unreachable) or a local copy at {path}; "
+            f"WikiText-2 needs the Hugging Face Hub ({hub_problem}) or a local copy at {path}; "
             "set COMPRESSKIT_WIKITEXT2_FILE or use --ppl-file"
         )
     return path.read_text(encoding="utf-8"), {"source": str(path), "join": "file as-is (\"\".join(rows))"}
