@@ -1,0 +1,174 @@
+"""CD-MoE vs REAP vs dropping whole MoE layers on the two real MoE fixtures (CPU).
+
+For each fixture (``../shared/models/{deepseek-v2-moe-25m,qwen2-moe-26m}``): one greedy search
+(expert orders up to max(--ks), layer order up to max(--layers)) on the calibration text, then
+every grid point is cut from those orders (``--from-order``, no new search):
+
+* CD-MoE E(S+k) for k in --ks at every L in --layers (Qwen: ``--shared-gate exact``, the default);
+* REAP at the same parameter budget: round(P / (MoE layers × expert params)) experts removed per
+  layer (P = parameters CD-MoE removed; capped at E − top_k);
+* dropping the MLP of whole MoE layers (a zero-output stub; the first layers of the greedy layer
+  order) at the same budget: round(P / MoE-sublayer params) layers.
+
+Held-out perplexity: the validation text of the fixtures' README / train.py (last 10 State of the
+Union addresses + last 5 % of Moby Dick + last 300 GSM8K train items), texts joined by "\\n\\n"
+(GSM8K items as question + "\\n" + answer), non-overlapping windows of 512 tokens (train.py's),
+the first --val-windows windows. Parameters count tensors once; bytes on disk are the saved
+safetensors files. Decode tokens/s: greedy generation with KV cache, batch 1, on CPU.
+
+    python benchmarks/cdmoe.py                                   # full grid
+    python benchmarks/cdmoe.py --models deepseek --ks 0 2 --layers 2 6 --nsamples 4 --seqlen 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent))
+
+from compresskit import api  # noqa: E402
+from compresskit.evaluation.sparsity import count_parameters  # noqa: E402
+from compresskit.models import get_adapter, load_model  # noqa: E402
+from compresskit.paths import shared_data_dir, shared_models_dir  # noqa: E402
+
+FIXTURES = {"deepseek": "deepseek-v2-moe-25m", "qwen": "qwen2-moe-26m"}
+
+
+def validation_text() -> str:
+    data = shared_data_dir()
+    sotu = [json.loads(line)["text"] for line in (data / "corpora" / "sotu.jsonl").read_text().splitlines() if line]
+    moby = (data / "corpora" / "moby_dick.txt").read_text()
+    gsm = [json.loads(line) for line in (data / "gsm8k" / "train.jsonl").read_text().splitlines() if line]
+    parts = sotu[-10:] + [moby[int(len(moby) * 0.95):]] + [f"{g['question']}\n{g['answer']}" for g in gsm[-300:]]
+    return "\n\n".join(parts)
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, windows: int, seqlen: int = 512) -> float:
+    losses = []
+    for w in range(min(windows, ids.numel() // seqlen)):
+        x = ids[w * seqlen:(w + 1) * seqlen].unsqueeze(0)
+        losses.append(float(model(x, labels=x).loss))
+    return math.exp(sum(losses) / len(losses))
+
+
+@torch.no_grad()
+def decode_tps(model, prompt: torch.Tensor, new_tokens: int) -> float:
+    model.generation_config.pad_token_id = 0
+    model.generate(prompt, max_new_tokens=2, do_sample=False, use_cache=True)  # warm-up
+    t0 = time.perf_counter()
+    out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True)
+    return (out.shape[1] - prompt.shape[1]) / (time.perf_counter() - t0)
+
+
+def disk_bytes(model, tokenizer) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        return sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors"))
+
+
+class ZeroMLP(nn.Module):
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+def row(name, model, tok, ids, args, dense_params, prompt=None):
+    params = count_parameters(model)
+    r = {"config": name, "params": params, "params_removed": dense_params - params,
+         "bytes_on_disk": disk_bytes(model, tok), "ppl": perplexity(model, ids, args.val_windows)}
+    if prompt is not None:
+        r["decode_tok_s"] = decode_tps(model, prompt, args.new_tokens)
+    print(f"  {name:<28} params {params:>10,}  removed {r['params_removed']:>9,}  disk {r['bytes_on_disk']:>10,}  "
+          f"ppl {r['ppl']:8.2f}" + (f"  decode {r['decode_tok_s']:.1f} tok/s" if prompt is not None else ""), flush=True)
+    return r
+
+
+def run_fixture(key: str, args) -> dict:
+    path = str(shared_models_dir() / FIXTURES[key])
+    calib = f"file:{args.calib}"
+    model, tok = load_model(path, device="cpu")
+    model.eval()
+    ids = torch.tensor(tok(validation_text())["input_ids"])
+    prompt = ids[:16].unsqueeze(0)
+    dense_params = count_parameters(model)
+    print(f"{key}: {FIXTURES[key]}  ({ids.numel()} validation tokens, {args.val_windows} windows of 512)", flush=True)
+    rows = [row("dense", model, tok, ids, args, dense_params, prompt)]
+    adapter = get_adapter(model)
+    moe = [i for i in range(adapter.num_blocks) if adapter.is_moe(i)]
+    view = adapter.moe(moe[0])
+    expert_params = sum(t.numel() for t in (view.experts[0].gate, view.experts[0].up, view.experts[0].down))
+    moe_params = sum(p.numel() for p in view.module.parameters())
+    num_experts, top_k = view.num_experts, view.top_k
+    del model, adapter, view
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        orders_path = Path(tmp) / "orders.json"
+        search = api.prune(path, "cdmoe", calib=calib, nsamples=args.nsamples, seqlen=args.seqlen, device="cpu",
+                           method_options={"experts": max(args.ks), "layers": max(args.layers)})
+        search_s = time.perf_counter() - t0
+        orders = search.manifest.method_details["orders"]
+        orders_path.write_text(json.dumps(orders))
+        del search
+        print(f"  greedy search: {search_s:.1f} s (experts {orders['timings']['expert_search_s']:.1f} s, "
+              f"layers {orders['timings']['layer_search_s']:.1f} s); layer order {orders['layer_order']}", flush=True)
+        for k in args.ks:
+            for L in args.layers:
+                out = api.prune(path, "cdmoe", device="cpu", method_options={
+                    "experts": k, "layers": L, "from_order": str(orders_path)})
+                last = k == max(args.ks) and L == max(args.layers)
+                r = row(f"CD-MoE E(S+{k}) L={L}", out.model, tok, ids, args, dense_params, prompt if last else None)
+                r.update(method="cdmoe", k=k, L=L, form=out.manifest.method_details["form"])
+                rows.append(r)
+                budget = r["params_removed"]
+                n = min(num_experts - top_k, max(1, round(budget / (len(moe) * expert_params))))
+                reap = api.prune(path, "reap", calib=calib, nsamples=args.nsamples, seqlen=args.seqlen, device="cpu",
+                                 method_options={"remove_experts": n / num_experts})
+                rr = row(f"  REAP -{n}/{num_experts} experts", reap.model, tok, ids, args, dense_params)
+                rr.update(method="reap", k=k, L=L, experts_removed_per_layer=n)
+                rows.append(rr)
+                m = min(len(moe), max(1, round(budget / moe_params)))
+                dropped, _ = load_model(path, device="cpu")
+                dropped.eval()
+                da = get_adapter(dropped)
+                for i in orders["layer_order"][:m] + [b for b in moe if b not in orders["layer_order"]][:max(0, m - len(orders["layer_order"]))]:
+                    da.block(i).mlp = ZeroMLP()
+                rd = row(f"  drop {m} MoE MLP(s)", dropped, tok, ids, args, dense_params)
+                rd.update(method="drop_layers", k=k, L=L, layers_dropped=m)
+                rows.append(rd)
+    return {"model": FIXTURES[key], "search_s": search_s, "layer_order": orders["layer_order"],
+            "expert_order": orders["expert_order"], "rows": rows}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(FIXTURES), choices=list(FIXTURES))
+    ap.add_argument("--ks", nargs="+", type=int, default=[0, 1, 2, 4])
+    ap.add_argument("--layers", nargs="+", type=int, default=[2, 4, 6])
+    ap.add_argument("--calib", default=str(shared_data_dir() / "wikitext-2-raw" / "wiki.test.raw"),
+                    help="Calibration text (not in the fixtures' training or validation data).")
+    ap.add_argument("--nsamples", type=int, default=100)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--val-windows", type=int, default=64, help="train.py evaluates 64 windows of 512.")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--out", default=str(HERE / "results" / "cdmoe.json"))
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    results = {"settings": vars(args), "fixtures": [run_fixture(k, args) for k in args.models]}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
