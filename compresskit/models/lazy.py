@@ -65,7 +65,10 @@ class _Files:
         from safetensors import safe_open
 
         self.key_to_file = key_to_file
-        self.handles = {f: safe_open(f, framework="pt") for f in sorted(set(key_to_file.values()))}
+        # pread, not mmap: every read is private memory that is freed after use. A file mapping would
+        # keep each block's pages resident in this process after it was read (RSS ≈ model size), and
+        # writes into mmap-backed tensors would show through later reads of the same source.
+        self.handles = {f: safe_open(f, framework="pt", backend="pread") for f in sorted(set(key_to_file.values()))}
 
     def slice(self, key: str):
         return self.handles[self.key_to_file[key]].get_slice(key)
