@@ -29,7 +29,19 @@ CALIB = dict(nsamples=8, seqlen=32, seed=0, batch_size=2, device="cpu")
 
 
 def decoder_masks(model) -> dict[str, torch.Tensor]:
-    return {n: (p == 0) for n, p in model.named_parameters() if p.dim() == 2 and ".layers." in n}
+    """Zero masks of every decoder-block weight (fused experts included), read through ``onload``
+    so a lazily loaded model's blocks are materialised."""
+    from compresskit.models import get_adapter
+    from compresskit.models.placement import onload
+
+    adapter = get_adapter(model)
+    masks = {}
+    for i in range(adapter.num_blocks):
+        with onload(adapter.blocks[i], "cpu") as block:
+            for name, p in block.named_parameters():
+                if p.dim() >= 2:
+                    masks[f"{adapter.block_name(i)}.{name}"] = (p == 0).clone()
+    return masks
 
 
 def reduce_uneven_statistics(rank: int) -> dict[str, torch.Tensor]:
