@@ -19,7 +19,7 @@ from compresskit.models.lazy_store import OriginalSource, SpillSource, lazy_ref
 from compresskit.models.loading import _auto_class
 from compresskit.models.placement import onload
 from compresskit.paths import shared_models_dir
-from tiny_models import TINY_FAMILIES, tiny_model
+from tiny_models import TINY_FAMILIES, tiny_model, tiny_tokenizer
 
 MOE_FIXTURES = ["deepseek-v2-moe-25m", "qwen2-moe-26m"]
 
@@ -143,3 +143,18 @@ def test_bin_weights_are_refused_with_a_reason(tmp_path):
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     with pytest.raises(LazyUnsupported, match="not safetensors"):
         load_lazily(tmp_path)
+
+
+def test_transformers_without_the_loading_api_falls_back_to_memory(tmp_path, monkeypatch):
+    """The lazy path uses transformers-internal loading steps; without them, load in memory and say why."""
+    import transformers.conversion_mapping as cm
+
+    from compresskit.checkpoint.lazy_input import load_input
+
+    path = tmp_path / "m"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    monkeypatch.delattr(cm, "get_model_conversion_mapping")  # from_pretrained holds its own reference
+    model, _ = load_input(str(path))
+    assert all(not t.is_meta for t in model.state_dict().values())
+    assert model._compresskit_loading.startswith("in-memory:") and "get_model_conversion_mapping" in model._compresskit_loading

@@ -186,6 +186,30 @@ def _finalise_non_block(model, load_config, loading_info, block_keys: set[str]) 
     model.tie_weights(missing_keys=loading_info.missing_keys, recompute_mapping=False)
 
 
+def _require_transformers_loading_api() -> None:
+    """The lazy path replays transformers 5's own loading steps (key renames, expert fusing, tied
+    weights), which are not public API: a transformers without them loads in memory instead."""
+    try:
+        import transformers.conversion_mapping as cm
+        import transformers.core_model_loading as cml
+        import transformers.modeling_utils as mu
+        from transformers import PreTrainedModel
+    except ImportError as exc:
+        raise LazyUnsupported(f"transformers {_transformers_version()} lacks the loading API lazy loading needs ({exc})") from None
+    needed = [(cm, "get_model_conversion_mapping"), (cml, "convert_and_load_state_dict_in_model"),
+              (mu, "LoadStateDictConfig"), (mu, "_get_dtype"), (PreTrainedModel, "mark_tied_weights_as_initialized"),
+              (PreTrainedModel, "_move_missing_keys_from_meta_to_device"), (PreTrainedModel, "_initialize_missing_keys")]
+    absent = [name for owner, name in needed if not hasattr(owner, name)]
+    if absent:
+        raise LazyUnsupported(f"transformers {_transformers_version()} lacks {absent[0]} (lazy loading needs it)")
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 def _install_block_hooks(blocks: nn.ModuleList) -> None:
     """A plain forward materialises each block for its own call and releases it afterwards."""
     from .placement import onload
@@ -218,6 +242,7 @@ def load_lazily(directory: str | Path, dtype: torch.dtype | None = None, structu
     ``structure`` / ``install_structure``: a compresskit checkpoint's module replacements, installed
     on the skeleton before the keys are matched (its tensors are stored under the model's own names).
     """
+    _require_transformers_loading_api()
     from transformers.core_model_loading import convert_and_load_state_dict_in_model
 
     from .adapters import get_adapter
