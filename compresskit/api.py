@@ -16,6 +16,7 @@ import torch
 
 from .engine import distributed
 from .engine.memory_plan import device_budget
+from .models.placement import move_model
 from .checkpoint import MANIFEST_NAME, Manifest, check_output_dir, load_with_tokenizer, save_checkpoint
 from .errors import InputError
 from .evaluation.sparsity import count_parameters, measure_sparsity
@@ -358,6 +359,6 @@ def evaluate_perplexity(
             model, tok = load_model(str(path_or_model), device=str(dev))
     else:
         model, tok = path_or_model, tokenizer
-        model.to(dev)
+        move_model(model, dev)
     return perplexity(model, tok, dataset, seqlen=seqlen, batch_size=batch_size, device=dev,
                       max_windows=max_windows, progress=progress)

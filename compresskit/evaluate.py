@@ -23,6 +23,7 @@ from typing import Any
 from .checkpoint import MANIFEST_NAME, Manifest, load_with_tokenizer
 from .errors import InputError
 from .evaluation.results import Efficiency, EvalResult, ModelInfo, PerplexityResult, compute_set_means
+from .models.placement import move_model
 from .models.loading import resolve_device, resolve_dtype
 
 Progress = Callable[[str, int, int, str], None]
@@ -77,7 +78,7 @@ def _load(target, tokenizer, *, device, dtype: str, revision: str | None):
         if tokenizer is None:
             raise InputError("evaluating an in-memory model needs its tokenizer (tokenizer=...)")
         name = getattr(getattr(target, "config", None), "_name_or_path", None) or "in-memory"
-        return target.to(device), tokenizer, ModelInfo(path=str(name)), None
+        return move_model(target, device), tokenizer, ModelInfo(path=str(name)), None
     if is_checkpoint(target):
         path = Path(target).expanduser()
         manifest = Manifest.read(path)

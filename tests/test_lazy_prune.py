@@ -89,3 +89,24 @@ def test_lazy_prune_of_the_real_moe_matches_in_memory(method, texts, tmp_path):
     if not path.is_dir():
         pytest.skip(f"{path} not present")
     _run_both(path, method, dict(sparsity=0.5), texts, tmp_path)
+
+
+def test_outcome_model_of_a_lazy_prune_evaluates_in_python(tmp_path):
+    """``compresskit.prune(...).model`` keeps its blocks on disk; whole-model evaluation still works and
+    equals the perplexity of the saved checkpoint."""
+    from compresskit import api
+
+    src = tmp_path / "src"
+    tiny_model("llama").save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    calib = tmp_path / "c.txt"
+    calib.write_text(" ".join(f"word{i} and more text" for i in range(400)))
+    outcome = api.prune(str(src), "wanda", sparsity=0.5, calib=f"file:{calib}", nsamples=2, seqlen=16,
+                        out=tmp_path / "out", device="cpu")
+    assert outcome.manifest.hyperparameters["loading"] == "lazy"
+    text = tmp_path / "ppl.txt"
+    text.write_text(" ".join(f"token{i} text" for i in range(300)))
+    in_memory = api.evaluate_perplexity(outcome.model, f"file:{text}", seqlen=16, device="cpu",
+                                        tokenizer=outcome.tokenizer)["value"]
+    saved = api.evaluate_perplexity(tmp_path / "out", f"file:{text}", seqlen=16, device="cpu")["value"]
+    assert in_memory == pytest.approx(saved, rel=1e-6)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from compresskit.errors import EvaluationError
+from compresskit.models.placement import move_model
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -181,7 +182,7 @@ def measure_throughput(
 
     use_cache, was_training = getattr(model.config, "use_cache", None), model.training
     try:
-        model.to(device).eval()
+        move_model(model, device).eval()
         model.config.use_cache = True
         for _ in range(warmup):
             _generate(model, prompt, min(new_tokens, 4), device)
@@ -190,7 +191,7 @@ def measure_throughput(
         model.config.use_cache = use_cache
         model.train(was_training)
         if device != original_device:
-            model.to(original_device)
+            move_model(model, original_device)
     timing_device = "cuda" if device.type == "cuda" else "cpu"
     return {
         "prefill_tokens_per_s": batch_size * prompt_len / prefill_s,

@@ -25,6 +25,7 @@ import yaml
 
 from compresskit import hub
 from compresskit.errors import EvaluationError
+from compresskit.models.placement import move_model
 from compresskit.evaluation.task_sets import (
     DEFAULT_METRICS,
     TaskSet,
@@ -325,7 +326,7 @@ def run_lm_eval(
 
     original_device, was_training = next(model.parameters()).device, model.training
     if device is not None:
-        model.to(device)
+        move_model(model, device)
     model.eval()
     if batch_size == "auto" and next(model.parameters()).device.type == "cpu":
         batch_size = CPU_AUTO_BATCH_SIZE
@@ -357,7 +358,7 @@ def run_lm_eval(
             samples.update(_samples(raw))
     finally:
         if device is not None:
-            model.to(original_device)
+            move_model(model, original_device)
         model.train(was_training)
     result = {
         "lm_eval_version": lm_eval.__version__,

@@ -57,3 +57,14 @@ def lazy_hooks(module: nn.Module):
 
     store = store_of(module)
     return None if store is None else (store.materialise, store.release)
+
+
+def move_model(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """``model.to(device)`` for whole-model work (evaluation, generation). A lazily loaded model keeps
+    its blocks on disk: only the tensors in memory move, and each block is materialised on the device
+    of its inputs by the lazy loader's forward hooks. Returns ``model``."""
+    device = torch.device(device)
+    if getattr(model, "_compresskit_lazy_store", None) is None:
+        return model.to(device)
+    return model._apply(lambda t: t if t.is_meta else t.to(device))
+
