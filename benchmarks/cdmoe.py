@@ -155,8 +155,9 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", default=list(FIXTURES), choices=list(FIXTURES))
     ap.add_argument("--ks", nargs="+", type=int, default=[0, 1, 2, 4])
     ap.add_argument("--layers", nargs="+", type=int, default=[2, 4, 6])
-    ap.add_argument("--calib", default=str(shared_data_dir() / "wikitext-2-raw" / "wiki.test.raw"),
-                    help="Calibration text (not in the fixtures' training or validation data).")
+    ap.add_argument("--calib", default=None,
+                    help="Calibration file (.txt/.jsonl); default: the SOTU addresses except the last 10 "
+                         "(training-side text, never the validation texts).")
     ap.add_argument("--nsamples", type=int, default=100)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--val-windows", type=int, default=64, help="train.py evaluates 64 windows of 512.")
@@ -164,6 +165,10 @@ def main(argv=None):
     ap.add_argument("--out", default=str(HERE / "results" / "cdmoe.json"))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
+    if args.calib is None:
+        lines = (shared_data_dir() / "corpora" / "sotu.jsonl").read_text().splitlines()
+        args.calib = str(Path(tempfile.mkdtemp()) / "sotu_train.jsonl")
+        Path(args.calib).write_text("\n".join([line for line in lines if line][:-10]) + "\n")
     results = {"settings": vars(args), "fixtures": [run_fixture(k, args) for k in args.models]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
