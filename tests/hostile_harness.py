@@ -93,11 +93,11 @@ def make_inputs(root: Path, model: Path) -> Ctx:
     text.write_text(CALIB_TEXT * 40)
     ckpt = root / "ckpt"
     compresskit.prune(str(model), "magnitude", sparsity=0.5, out=ckpt, device="cpu")
-    welore = root / "welore"  # low-rank factors: a rank map in the manifest
+    welore = root / "shared-welore"  # low-rank factors: a rank map in the manifest (a name other setups won't use)
     compresskit.prune(str(model), "welore", out=welore, device="cpu", method_options={"rank_reduction": 0.5})
     from compresskit.evaluation.results import EvalResult, ModelInfo, PerplexityResult
 
-    results = root / "dense.json"  # a results file (schema v1) for compare / --json rows
+    results = root / "shared-dense.json"  # a results file (schema v1) for compare / --json rows
     EvalResult(model=ModelInfo(path="dense"), perplexity={
         "val": PerplexityResult(value=12.5, seqlen=16, n_windows=2, tokens=32)}).save(results)
     return Ctx(tmp=root, model=model, ckpt=ckpt, calib=calib, text=text,
