@@ -544,7 +544,9 @@ def test_closed_stdout_in_process(shared_inputs, extra, monkeypatch):
     pipe = _ClosedPipe()
     monkeypatch.setattr(sys, "argv", ["compresskit", "inspect", str(shared_inputs.ckpt), *extra])
     monkeypatch.setattr(sys, "stdout", pipe)
+    monkeypatch.setattr(sys, "stderr", sys.stderr)  # click wraps both streams on EPIPE: restore them after
     monkeypatch.setattr(cli.out_console, "file", pipe)
+    monkeypatch.setattr(cli.out_console, "quiet", cli.out_console.quiet)  # a broken pipe silences the console
     with pytest.raises(SystemExit) as exc:
         cli.main()
     assert exc.value.code == 0
