@@ -8,8 +8,8 @@ back to per-expert keys when ``original_format``), ``{"format": "pt"}`` metadata
 and ``generation_config.json`` — but it visits the model one piece at a time: the tensors outside
 the decoder blocks, then each block through ``models.placement.onload`` (on CPU), whose state dict
 is converted and appended to the current shard; a shard is flushed to disk as soon as it reaches
-``max_shard_size``. Host memory: one shard + one block. Shard boundaries may differ from
-``save_pretrained``'s (which plans them over the full state dict) — readers use the index.
+``max_shard_size``. Host memory: one block — each tensor's bytes go to disk as it arrives (see
+``_ShardWriter``), never a whole shard. Shard boundaries may differ from ``save_pretrained``'s (which plans them over the full state dict) — readers use the index.
 
 Shards are written under temporary names and renamed to ``-of-0000n`` once their count is known;
 the caller writes into ``checkpoint.io.atomic_directory``, so an interrupted save leaves nothing.
@@ -18,7 +18,10 @@ the caller writes into ``checkpoint.io.atomic_directory``, so an interrupted sav
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
+import struct
 from pathlib import Path
 
 import torch
@@ -37,33 +40,70 @@ def _parse_size(size: int | str) -> int:
 
 
 class _ShardWriter:
+    """Appends each tensor's bytes to the current shard's data files as it arrives, so host memory
+    holds one tensor, not a shard. A safetensors header precedes the data and is only known once the
+    shard is complete: ``flush`` writes it, then appends the data files (``os.copy_file_range``: in
+    the kernel, a reflink where the filesystem supports one). Tensors are grouped by element size,
+    largest first, as ``safetensors.torch.save_file`` does, so every tensor stays aligned."""
+
     def __init__(self, directory: Path, max_bytes: int):
         self.directory, self.max_bytes = directory, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
+        self.pending: dict[str, tuple[str, list[int], int, int]] = {}  # key -> (dtype, shape, element size, local offset)
         self.pending_bytes = 0
+        self._data: dict[int, object] = {}  # element size -> open data file of the current shard
         self.files: list[list[str]] = []  # keys per written shard, in order
         self.total_bytes = 0
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
+        from safetensors.torch import _TYPES
+
         size = tensor.numel() * tensor.element_size()
         if self.pending and self.pending_bytes + size > self.max_bytes:
             self.flush()
-        self.pending[key] = tensor
+        names = {dtype: name for name, dtype in _TYPES.items()}
+        width = tensor.element_size()
+        data = self._data.get(width)
+        if data is None:
+            data = self._data[width] = open(self._data_path(len(self.files), width), "wb+")  # noqa: SIM115
+        value = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self.pending[key] = (names[tensor.dtype], list(tensor.shape), width, data.tell())
+        data.write(value.numpy().data)
+        del value
         self.pending_bytes += size
         self.total_bytes += size
 
     def flush(self) -> None:
         if not self.pending:
             return
-        from safetensors.torch import save_file
-
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.pending.items()}
-        save_file(tensors, str(self._part(len(self.files))), metadata={"format": "pt"})
-        self.files.append(list(tensors))
-        self.pending, self.pending_bytes = {}, 0
+        widths = sorted(self._data, reverse=True)
+        base, start = {}, 0
+        for width in widths:
+            base[width] = start
+            start += self._data[width].tell()
+        header: dict = {"__metadata__": {"format": "pt"}}
+        for key, (dtype, shape, width, offset) in self.pending.items():
+            begin = base[width] + offset
+            header[key] = {"dtype": dtype, "shape": shape,
+                           "data_offsets": [begin, begin + math.prod(shape) * width]}
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        with open(self._part(len(self.files)), "wb") as shard:
+            shard.write(struct.pack("<Q", len(text)) + text)
+            shard.flush()
+            for width in widths:
+                data = self._data[width]
+                data.flush()
+                _append(shard, data)
+                data.close()
+                os.remove(self._data_path(len(self.files), width))
+        self.files.append(list(self.pending))
+        self.pending, self.pending_bytes, self._data = {}, 0, {}
 
     def _part(self, index: int) -> Path:
         return self.directory / f".part-{index:05d}.safetensors"
+
+    def _data_path(self, index: int, width: int) -> Path:
+        return self.directory / f".part-{index:05d}.data-{width}"
 
     def finish(self, total_parameters: int) -> None:
         self.flush()
@@ -80,6 +120,26 @@ class _ShardWriter:
         index = {"metadata": {"total_parameters": total_parameters, "total_size": self.total_bytes},
                  "weight_map": dict(sorted(weight_map.items()))}
         (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _append(target, source) -> None:
+    """Append all of the open file ``source`` to the open file ``target`` without going through Python."""
+    size = source.seek(0, os.SEEK_END)
+    source.seek(0)
+    done = 0
+    try:
+        while done < size:
+            n = os.copy_file_range(source.fileno(), target.fileno(), size - done)
+            if n == 0:
+                break
+            done += n
+    except (AttributeError, OSError):  # no copy_file_range (old kernel / Python, some filesystems)
+        pass
+    if done < size:
+        source.seek(done)
+        target.seek(0, os.SEEK_END)
+        shutil.copyfileobj(source, target, 16 << 20)
+    target.flush()
 
 
 def _saved_keys(model) -> set[str]:
