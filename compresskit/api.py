@@ -25,6 +25,7 @@ from .models.loading import resolve_device
 from .pruning import PRUNERS, Pattern
 
 Progress = Callable[[str, int, int, str], None]
+LOAD_MODES = ("lazy", "in-memory")
 
 
 @dataclass
@@ -93,12 +94,18 @@ def prune(
     pruner_options: dict | None = None,
     tokenizer: Any = None,
     progress: Progress | None = None,
+    load: str = "lazy",
 ) -> PruneOutcome:
     """Compress ``model`` (hub id, local dir, built-in name, or an already loaded model) with ``method``.
 
     ``calib`` / ``nsamples`` / ``seqlen`` left as None take the method's paper defaults (c4,
-    128 × 2048 for the Wanda lineage; FinerCut's 10 × 256 WikiText-2; CD-MoE's 100 × 256 C4)."""
+    128 × 2048 for the Wanda lineage; FinerCut's 10 × 256 WikiText-2; CD-MoE's 100 × 256 C4).
+
+    ``load``: ``"lazy"`` (default: decoder blocks stay on disk until used, host RAM ≈ one block; falls
+    back to memory with the reason in the manifest) or ``"in-memory"`` (the whole model first)."""
     t_start = time.perf_counter()
+    if load not in LOAD_MODES:
+        raise InputError(f"--load must be one of {', '.join(LOAD_MODES)}, got {load!r}")
     entry = get_method(method)
     calib = entry.calibration_setting("calib", calib)
     nsamples = entry.calibration_setting("nsamples", nsamples)
@@ -127,7 +134,9 @@ def prune(
         pruner=pruner_name, calib=calib, calib_format=calib_format, nsamples=nsamples, seqlen=seqlen, seed=seed,
         num_incontext=num_incontext, text_field=text_field, batch_size=batch_size,
         offload_activations=offload_activations, include=include, exclude=exclude, pruner_options=pruner_options,
-        progress=progress,
+        progress=progress, lazy=load == "lazy",
+        # changed blocks are spilled beside the output: the disk that must hold the result anyway
+        spill_root=Path(out).expanduser().resolve().parent if out is not None else None,
     )
     load_s = time.perf_counter() - t0
     model_obj, tok, adapter, calibration = job.model, job.tokenizer, job.adapter, job.calibration
@@ -209,7 +218,7 @@ def build_job(
     model, *, tokenizer=None, dtype="auto", revision=None, device="auto", sparsity=None, pattern="unstructured",
     pruner="wanda", calib="c4", calib_format="window", nsamples=128, seqlen=2048, seed=0, num_incontext=None,
     text_field=None, batch_size=8, offload_activations=False, include=None, exclude=None, pruner_options=None,
-    progress=None,
+    progress=None, lazy=True, spill_root=None,
 ) -> PruneJob:
     """Load the model (unless given one), find its adapter, and gather the shared options.
 
@@ -234,7 +243,7 @@ def build_job(
         # compresskit checkpoint (a second stage) gets its replaced modules rebuilt too.
         from .checkpoint.lazy_input import load_input
 
-        model_obj, tok = load_input(model, dtype=dtype, revision=revision)
+        model_obj, tok = load_input(model, dtype=dtype, revision=revision, lazy=lazy, spill_root=spill_root)
     else:
         model_obj, tok = model, tokenizer
     return PruneJob(

@@ -122,6 +122,7 @@ def prune(
     revision: Optional[str] = typer.Option(None, help="Hub revision of the model."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
     json_out: bool = typer.Option(False, "--json", help="Print a machine-readable summary instead of tables."),
+    load: str = typer.Option("lazy", "--load", help="lazy: decoder blocks stay on disk until used (host RAM ≈ one block); in-memory: load the whole model first."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     **method_options,
 ):
@@ -138,7 +139,7 @@ def prune(
             num_incontext=num_incontext, text_field=text_field, out=out, force=force, device=device, dtype=dtype,
             batch_size=batch_size, offload_activations=offload_activations, max_gpu_memory=max_gpu_memory, include=include,
             exclude=exclude, revision=revision, method_options=options, pruner_options=pruner_options,
-            progress=progress,
+            progress=progress, load=load,
         )
     distributed.shutdown()
     if not writer:

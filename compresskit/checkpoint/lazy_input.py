@@ -52,14 +52,16 @@ def _finish(model, note: str):
     return model
 
 
-def load_input(name: str, dtype: str | torch.dtype = "auto", revision: str | None = None, lazy: bool = True):
-    """``(model, tokenizer)`` for compression: blocks on disk when possible (see the module docstring)."""
+def load_input(name: str, dtype: str | torch.dtype = "auto", revision: str | None = None, lazy: bool = True,
+               spill_root: str | Path | None = None):
+    """``(model, tokenizer)`` for compression: blocks on disk when possible (see the module docstring);
+    ``lazy=False`` loads in memory; ``spill_root``: where changed blocks are spilled (``models.lazy_store``)."""
     from ..models.loading import _load_tokenizer, load_model, resolve_dtype
     from .io import _STRUCTURE_KINDS, _import_structure_kinds, load_with_tokenizer
 
     checkpoint = (Path(name).expanduser() / MANIFEST_NAME).is_file()
     torch_dtype = resolve_dtype(dtype)
-    reason = "lazy loading disabled"
+    reason = "--load in-memory"
     if lazy:
         source = _local_source(name, revision)
         try:
@@ -78,9 +80,9 @@ def load_input(name: str, dtype: str | torch.dtype = "auto", revision: str | Non
                     except (RuntimeError, NotImplementedError, ValueError) as exc:  # needs real tensors
                         raise LazyUnsupported(f"structure kind {kind!r} cannot be rebuilt on meta ({exc})") from None
 
-                model = load_lazily(source, torch_dtype, manifest.structure, install)
+                model = load_lazily(source, torch_dtype, manifest.structure, install, spill_root)
             else:
-                model = load_lazily(source, torch_dtype)
+                model = load_lazily(source, torch_dtype, spill_root=spill_root)
             return _finish(model, LOADING_LAZY), _load_tokenizer(str(source), {})
         except LazyUnsupported as exc:
             reason = str(exc)

@@ -236,11 +236,12 @@ def _install_block_hooks(blocks: nn.ModuleList) -> None:
 
 
 def load_lazily(directory: str | Path, dtype: torch.dtype | None = None, structure: list[dict] | None = None,
-                install_structure=None):
+                install_structure=None, spill_root: str | Path | None = None):
     """The model of ``directory`` with its decoder blocks left on disk (see the module docstring).
 
     ``structure`` / ``install_structure``: a compresskit checkpoint's module replacements, installed
     on the skeleton before the keys are matched (its tensors are stored under the model's own names).
+    ``spill_root``: where changed blocks are spilled (``models.lazy_store``; default: the cache dir).
     """
     _require_transformers_loading_api()
     from transformers.core_model_loading import convert_and_load_state_dict_in_model
@@ -266,7 +267,7 @@ def load_lazily(directory: str | Path, dtype: torch.dtype | None = None, structu
     block_keys = {k for k in meta_sd if k.startswith(blocks_prefix)}
     non_persistent = {k for k, _ in model.named_non_persistent_buffers()} if hasattr(model, "named_non_persistent_buffers") else set()
 
-    store = LazyStore(lambda i: plan.convert(recipes[i], model))
+    store = LazyStore(lambda i: plan.convert(recipes[i], model), spill_root)
     covered: set[str] = set()
     for i, first in enumerate(recipes):
         for target, value in plan.convert(first, model, meta=True).items():
