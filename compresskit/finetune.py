@@ -264,7 +264,9 @@ def finetune(
     settings.validate()
     checkpoint = Path(checkpoint).expanduser()
     source_manifest = _read_input_manifest(checkpoint)
-    check_output_dir(out, force, input_path=checkpoint)
+    local_sources = [s.removeprefix("file:") for s in (*settings.data, settings.eval_data or "")
+                     if s.startswith("file:")]
+    check_output_dir(out, force, input_path=checkpoint, inputs=local_sources)
     state_dir = state_dir_for(out)
     if state_dir.exists() and not resume:
         if not force:

@@ -257,6 +257,11 @@ ROWS = [
     Row("finetune --out a foreign folder --force", ["finetune", "{welore}", "--data", "file:{calib}", "--steps", "1",
                                                     "--seqlen", "16", "--out", "{tmp}/docs", "--force", "--device", "cpu"],
         setup=_write("docs/a.txt", "x"), needle="neither a compresskit checkpoint nor empty"),
+    Row("finetune --out the folder holding its --data file", ["finetune", "{welore}", "--data", "file:{tmp}/d/c.txt",
+                                                             "--steps", "1", "--seqlen", "16", "--out", "{tmp}/d",
+                                                             "--force", "--device", "cpu"],
+        # d is a compresskit checkpoint (so --force could replace it) that also holds the training text
+        setup=lambda c: (_copy("ckpt", "d")(c), _write("d/c.txt", "some words " * 200)(c)), needle="holds"),
     Row("run: output is the input model", ["run", "{tmp}/r.yaml", "--quiet"], setup=_recipe("{model}"),
         needle="is the input model"),
     Row("run without stages: eval.json into the input model", ["run", "{tmp}/r.yaml", "--quiet"],

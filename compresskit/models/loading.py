@@ -157,11 +157,6 @@ def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
     return isinstance(found, str)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _auto_class(config):
     """AutoModelForCausalLM, or the image-text-to-text auto class for VLM wrappers (LLaVA)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
