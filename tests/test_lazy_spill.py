@@ -140,3 +140,24 @@ def test_a_killed_prune_leaves_spills_that_the_next_run_removes(llama_dir, tmp_p
     load_lazily(llama_dir, spill_root=tmp_path)  # the next lazy load under the same root
     assert not spill_dir.exists()
     assert _spills(tmp_path) == []
+
+
+def test_load_flag_forces_the_in_memory_path_and_rejects_other_values(llama_dir, tmp_path):
+    from conftest import run_cli
+
+    common = ["prune", "--model", str(llama_dir), "--method", "wanda", "--sparsity", "0.5", "--calib", "demo",
+              "--nsamples", "2", "--seqlen", "16", "--device", "cpu", "--quiet"]
+    bad = run_cli(*common, "--load", "mmap", "--out", str(tmp_path / "bad"))
+    assert bad.exit_code == 2 and "--load must be one of lazy, in-memory" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+    for load, expected in (("in-memory", "in-memory: --load in-memory"), ("lazy", "lazy")):
+        ok = run_cli(*common, "--load", load, "--out", str(tmp_path / load))
+        assert ok.exit_code == 0, ok.stderr
+        import json
+
+        manifest = json.loads((tmp_path / load / "compresskit.json").read_text())
+        assert manifest["hyperparameters"]["loading"] == expected
+    import gc
+
+    gc.collect()  # in-process, the spills live as long as the pruned model (it reads its blocks there)
+    assert _spills(tmp_path) == []
