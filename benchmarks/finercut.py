@@ -186,16 +186,17 @@ def main():
     ap.add_argument("--ppl-seqlen", type=int, default=512)
     ap.add_argument("--ppl-windows", type=int, default=8)
     ap.add_argument("--piqa-limit", type=int, default=100)
+    ap.add_argument("--out", type=Path, default=RESULTS, help="JSON results file.")
     args = ap.parse_args()
     torch.manual_seed(0)
     records = []
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.models.split(","):
         t0 = time.perf_counter()
         rec = run_model(name, args)
         rec["wall_s"] = time.perf_counter() - t0
         records.append(rec)
-        RESULTS.write_text(json.dumps(records, indent=1))
+        args.out.write_text(json.dumps(records, indent=1))
     print(table(records))
     for rec in records:
         print(rec["model"], "order:", " ".join(f"{t}{b}" for t, b in rec["sublayer_search"]["order"]),
