@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
+if [ ! -x .venv/bin/python ] || [ ! -f .venv/bin/activate ]; then
+  rm -rf .venv  # absent, or left half-made by an interrupted run
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
