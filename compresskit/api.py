@@ -206,7 +206,14 @@ def prune(
     if out is not None and distributed.is_writer():  # data-parallel: rank 0 writes, the others wait
         t0 = time.perf_counter()
         manifest.timings["total_s"] = time.perf_counter() - t_start
-        out_path = save_checkpoint(model_obj, tok, out, manifest, force=force)
+        try:
+            out_path = save_checkpoint(model_obj, tok, out, manifest, force=force)
+        except BaseException:
+            # nothing of a failed save stays beside the output, spills of a lazily loaded model included
+            store = getattr(model_obj, "_compresskit_lazy_store", None)
+            if store is not None:
+                store.discard_spills()
+            raise
         manifest.timings["save_s"] = time.perf_counter() - t0
         manifest.write(out_path)
     distributed.barrier()

@@ -57,4 +57,4 @@ def register(app: typer.Typer) -> None:
             table.add_row(str(i), *("-" if v is None else f"{v:.4f}" for v in vals))
         console().print(table)
         if report.get("plot"):
-            console().print(f"plot written to {report['plot']}")
+            console().print(f"plot written to {report['plot']}", soft_wrap=True)  # a path is never wrapped

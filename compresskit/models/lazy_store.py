@@ -205,6 +205,11 @@ class LazyStore:
         pin_malloc_mmap_threshold()
         remove_stale_spills(self.spill_root or default_spill_root())  # a killed earlier run's
 
+    def discard_spills(self) -> None:
+        """Delete the spill directory now (a failed save: the model is abandoned, its spills with it)."""
+        if self.spill_dir is not None:
+            shutil.rmtree(self.spill_dir, ignore_errors=True)
+
     def _spill_directory(self) -> str:
         if self.spill_dir is None:
             root = self.spill_root or default_spill_root()
