@@ -83,7 +83,9 @@ def test_lazy_and_in_memory_prune_write_identical_checkpoints(method, options, l
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+# SparseGPT's lazy == in-memory identity is covered on every tiny family above; on the real MoE it
+# took 7 minutes of CI, so the real fixture checks the expert key conversion with Wanda only.
+@pytest.mark.parametrize("method", ["wanda"])
 def test_lazy_prune_of_the_real_moe_matches_in_memory(method, texts, tmp_path):
     path = shared_models_dir() / "qwen2-moe-26m"
     if not path.is_dir():
