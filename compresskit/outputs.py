@@ -32,6 +32,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import socket
 import struct
 import tempfile
 from pathlib import Path
@@ -269,3 +272,37 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+#: This host's name as it appears in compresskit's temporary names (``.NAME.tmp-HOST-PID-*``, spills).
+HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def remove_dead_process_dirs(root: Path, pattern: "re.Pattern[str]") -> list[Path]:
+    """Delete the directories in ``root`` whose name matches ``pattern`` (group 1: a pid of this host)
+    and whose process is gone: what a killed run left. A live process's (this one's included) and
+    other hosts' (shared disks) are never touched."""
+    removed = []
+    try:
+        entries = list(Path(root).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m is None or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+

@@ -471,7 +471,7 @@ def test_builtin_names_stay_as_typed():
 
 
 def test_stale_temporaries_of_dead_processes_are_removed_live_ones_kept(ctx):
-    from compresskit.checkpoint.io import _HOST
+    from compresskit.outputs import HOST as _HOST
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +26,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..models.weight_files import LOAD_ERRORS, check_safetensors_files, describe_load_error
-from ..outputs import OutputGuard, current_umask
+from ..outputs import HOST, OutputGuard, current_umask, remove_dead_process_dirs
 from .manifest import MANIFEST_NAME, Manifest
 
 # kind -> function(model, entry) that replaces modules so the saved tensors fit again.
@@ -60,39 +59,14 @@ def check_output_dir(out_dir: str | Path, force: bool, input_path: str | Path | 
     return OutputGuard([input_path, *inputs]).directory(out_dir, force=force, flag="")
 
 
-_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: it exists, owned by someone else
-        return True
-    return True
-
-
 def remove_stale_temporaries(out: Path) -> list[Path]:
     """Delete ``.NAME.tmp-HOST-PID-*`` / ``.NAME.old-HOST-PID`` siblings of ``out`` left by a killed save.
 
     Only entries of this host whose process is gone are removed: a live process's temporary
     directory (another save running now) is never touched, nor are other hosts' (shared disks).
     """
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:tmp|old)-{re.escape(_HOST)}-(\d+)(?:-[^/]*)?$")
-    removed = []
-    try:
-        entries = list(out.parent.iterdir())
-    except OSError:
-        return removed
-    for entry in entries:
-        m = pattern.match(entry.name)
-        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
-    return removed
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:tmp|old)-{re.escape(HOST)}-(\d+)(?:-[^/]*)?$")
+    return remove_dead_process_dirs(out.parent, pattern)
 
 
 @contextmanager
@@ -108,7 +82,7 @@ def atomic_directory(out_dir: str | Path, force: bool = False):
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_HOST}-{os.getpid()}-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{HOST}-{os.getpid()}-", dir=out.parent))
         os.chmod(tmp, 0o777 & ~current_umask())
         yield tmp
         if out.exists():
@@ -116,7 +90,7 @@ def atomic_directory(out_dir: str | Path, force: bool = False):
                 raise CheckpointError(f"output {out} already exists; pass --force to replace it")
             if not (out / MANIFEST_NAME).is_file() and any(out.iterdir()):
                 raise CheckpointError(f"output {out} is neither a compresskit checkpoint nor empty; not replacing it")
-            trash = out.parent / f".{out.name}.old-{_HOST}-{os.getpid()}"
+            trash = out.parent / f".{out.name}.old-{HOST}-{os.getpid()}"
             os.replace(out, trash)
             os.replace(tmp, out)
             shutil.rmtree(trash, ignore_errors=True)

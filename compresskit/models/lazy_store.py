@@ -45,7 +45,6 @@ import ctypes
 import os
 import re
 import shutil
-import socket
 import sys
 import tempfile
 import weakref
@@ -56,14 +55,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..outputs import HOST, remove_dead_process_dirs
+
 ATTR = "_compresskit_lazy"
 
 
 SPILL_PREFIX = ".compresskit-spill-"
 SPILL_DIR_ENV = "COMPRESSKIT_SPILL_DIR"
-_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
-
-
 def default_spill_root() -> Path:
     """``$COMPRESSKIT_SPILL_DIR``, else ``<cache dir>/spill`` (never TMPDIR: often a small tmpfs, and
     the spilled blocks of a pruned model add up to the model's size)."""
@@ -73,33 +71,11 @@ def default_spill_root() -> Path:
     return Path(env).expanduser() if env else cache_dir() / "spill"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: it exists, owned by someone else
-        return True
-    return True
-
-
 def remove_stale_spills(root: str | Path) -> list[Path]:
     """Delete spill directories under ``root`` left by dead processes of this host (a killed prune).
     A live process's directory, and other hosts' (shared disks), are never touched."""
-    pattern = re.compile(rf"^{re.escape(SPILL_PREFIX)}{re.escape(_HOST)}-(\d+)-")
-    removed = []
-    try:
-        entries = list(Path(root).iterdir())
-    except OSError:
-        return removed
-    for entry in entries:
-        m = pattern.match(entry.name)
-        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
-    return removed
+    pattern = re.compile(rf"^{re.escape(SPILL_PREFIX)}{re.escape(HOST)}-(\d+)-")
+    return remove_dead_process_dirs(Path(root), pattern)
 
 
 MMAP_THRESHOLD = 1 << 20
@@ -214,7 +190,7 @@ class LazyStore:
         if self.spill_dir is None:
             root = self.spill_root or default_spill_root()
             root.mkdir(parents=True, exist_ok=True)
-            self.spill_dir = tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{_HOST}-{os.getpid()}-", dir=root)
+            self.spill_dir = tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{HOST}-{os.getpid()}-", dir=root)
             weakref.finalize(self, shutil.rmtree, self.spill_dir, True)
         return self.spill_dir
 
