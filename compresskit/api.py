@@ -74,7 +74,7 @@ def prune(
     pattern: str = "unstructured",
     pruner: str | None = None,
     calib: str | None = None,
-    calib_format: str = "window",
+    calib_format: str | None = None,
     nsamples: int | None = None,
     seqlen: int | None = None,
     seed: int = 0,
@@ -98,8 +98,10 @@ def prune(
 ) -> PruneOutcome:
     """Compress ``model`` (hub id, local dir, built-in name, or an already loaded model) with ``method``.
 
-    ``calib`` / ``nsamples`` / ``seqlen`` left as None take the method's paper defaults (c4,
-    128 × 2048 for the Wanda lineage; FinerCut's 10 × 256 WikiText-2; CD-MoE's 100 × 256 C4).
+    ``calib`` / ``calib_format`` / ``nsamples`` / ``seqlen`` left as None take the method's paper
+    defaults (random c4 windows, 128 × 2048 for the Wanda lineage; FinerCut's first 10 × 256 tokens
+    of WikiText-2, format ``prefix``; CD-MoE's 100 × 256 C4 windows). The manifest records the
+    resolved values.
 
     ``load``: ``"lazy"`` (default: decoder blocks stay on disk until used, host RAM ≈ one block; falls
     back to memory with the reason in the manifest) or ``"in-memory"`` (the whole model first)."""
@@ -108,6 +110,7 @@ def prune(
         raise InputError(f"--load must be one of {', '.join(LOAD_MODES)}, got {load!r}")
     entry = get_method(method)
     calib = entry.calibration_setting("calib", calib)
+    calib_format = entry.calibration_setting("format", calib_format)
     nsamples = entry.calibration_setting("nsamples", nsamples)
     seqlen = entry.calibration_setting("seqlen", seqlen)
     pat = _validate_common(sparsity, pattern, pruner, entry)

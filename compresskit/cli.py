@@ -104,7 +104,7 @@ def prune(
     pattern: str = typer.Option("unstructured", help="unstructured or N:M (N zeros in every M inputs, e.g. 2:4)."),
     pruner: Optional[str] = typer.Option(None, help="Within-matrix criterion for allocation methods: magnitude | wanda | sparsegpt."),
     calib: Optional[str] = typer.Option(None, help="[default: the method's paper setting, c4 for most] Calibration source: c4, wikitext2, pile, gsm8k, ..., hf:DS[:CFG]:SPLIT:FIELD, file:PATH; demo (shipped sample); auto (wikitext2, else local mirror, else demo)."),
-    calib_format: str = typer.Option("window", help="window | icl | cot | single | zero."),
+    calib_format: Optional[str] = typer.Option(None, help="[default: the method's paper setting: prefix for finercut, window for the others] window (random seqlen windows of documents) | prefix (the first nsamples×seqlen tokens of the non-empty documents joined with a space, no sampling) | icl | cot | single | zero."),
     text_field: Optional[str] = typer.Option(None, "--text-field", help="Text column of --calib records (file / hf sources) [default: text]."),
     nsamples: Optional[int] = typer.Option(None, help="Calibration samples [default: the method's paper setting, 128 for most]."),
     seqlen: Optional[int] = typer.Option(None, help="Calibration sequence length in tokens [default: the method's paper setting, 2048 for most]."),

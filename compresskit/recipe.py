@@ -38,11 +38,12 @@ class _Strict(BaseModel):
 
 
 class Calibration(_Strict):
-    """Calibration data shared by every stage; unset source / nsamples / seqlen take each stage's
-    method defaults (the papers': C4 128 × 2048 for the Wanda lineage, FinerCut 10 × 256 WikiText-2)."""
+    """Calibration data shared by every stage; unset source / format / nsamples / seqlen take each
+    stage's method defaults (the papers': random C4 windows 128 × 2048 for the Wanda lineage,
+    FinerCut the first 10 × 256 tokens of WikiText-2, format prefix)."""
 
     source: str | None = None
-    format: str = "window"
+    format: str | None = None
     nsamples: int | None = Field(None, ge=1)
     seqlen: int | None = Field(None, ge=1)
     seed: int = 0

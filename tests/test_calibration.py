@@ -102,7 +102,7 @@ def test_spec_key_tracks_exactly_the_sample_changing_fields():
     [
         ({"nsamples": 0}, "nsamples"),
         ({"seqlen": 0}, "seqlen"),
-        ({"format": "fewshot"}, "window, icl, cot, single, zero"),
+        ({"format": "fewshot"}, "window, prefix, icl, cot, single, zero"),
         ({"pad_side": "middle"}, "pad_side"),
         ({"num_incontext": -1}, "num_incontext"),
     ],

@@ -76,6 +76,7 @@ class Corpus:
         self.definition = definition
         self.label = definition.name
         self.records = records
+        self.rows = records  # the records before a source's `join` (format prefix joins them itself)
         if not len(records):
             raise CalibrationError(f"calibration source {self.label} has no records")
         if definition.join is not None:  # one document, as the reference's WikiText-2 sampler
@@ -120,6 +121,15 @@ class Corpus:
             raise CalibrationError(f"calibration source {self.label}: record {index} has no field {column!r}")
         value = record[column]
         return "" if value is None else str(value)
+
+    def row_texts(self):
+        """``(index, text)`` of every record as read, before the source's ``join`` (format prefix)."""
+        column = self.text_column
+        for index, record in enumerate(self.rows):
+            if column not in record:
+                raise CalibrationError(f"calibration source {self.label}: record {index} has no field {column!r}")
+            value = record[column]
+            yield index, "" if value is None else str(value)
 
     # ---- question-answer prompts
     @functools.cached_property

@@ -14,13 +14,17 @@ Bandari et al. ``get_gsm8k`` and siblings), so a ``random.Random(seed)`` reprodu
   ``seqlen``; the result is padded to ``seqlen`` or cut on the padding side (the reference's
   negative ``F.pad``).
 
+* prefix (no RNG): the first ``nsamples·seqlen`` tokens of the non-empty documents joined with
+  ``" "`` (FinerCut's reference, methods.md §8.2), read from a prefix of the join
+  (:func:`first_tokens_of_join`) so a large corpus is never tokenized whole.
+
 ``tokens_of(i)`` is a callback so that documents are tokenized lazily, one at a time.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -117,6 +121,105 @@ def concatenate_pairs(
     if k == 0:
         return random_window(rng, tokens, seqlen), used
     return tokens, used
+
+
+#: Tokens of a prefix that are never kept, before the cut (a cut word, an appended end token).
+PREFIX_MARGIN_TOKENS = 64
+
+
+class _JoinReader:
+    """The join of the non-empty texts of ``documents`` (``(index, text)`` pairs), read only as far
+    as asked: ``prefix(chars)`` is the first ``chars`` characters of the full join, plus whether
+    that is the whole of it. Empty and whitespace-only documents are skipped (the reference
+    filters WikiText-2's empty lines before joining)."""
+
+    def __init__(self, documents: Iterable[tuple[int, str]], sep: str):
+        self._documents = iter(documents)
+        self._sep = sep
+        self._parts: list[str] = []
+        self._length = 0
+        self._starts: list[tuple[int, int]] = []  # (character offset in the join, record index)
+        self.exhausted = False
+
+    def _read_past(self, chars: int) -> None:
+        # one character more than asked, so that "the join is longer than chars" is known
+        while self._length <= chars and not self.exhausted:
+            item = next(self._documents, None)
+            if item is None:
+                self.exhausted = True
+                break
+            index, text = item
+            if not text.strip():
+                continue
+            if self._parts:
+                self._parts.append(self._sep)
+                self._length += len(self._sep)
+            self._starts.append((self._length, index))
+            self._parts.append(text)
+            self._length += len(text)
+        if len(self._parts) > 1:
+            self._parts = ["".join(self._parts)]
+
+    def prefix(self, chars: int) -> tuple[str, bool]:
+        self._read_past(chars)
+        text = self._parts[0] if self._parts else ""
+        return text[:chars], self.exhausted and chars >= len(text)
+
+    def documents_in(self, chars: int) -> list[int]:
+        """Record indices of the documents that start within the first ``chars`` characters."""
+        return [index for start, index in self._starts if start < chars]
+
+    @property
+    def count(self) -> int:
+        return len(self._starts)
+
+
+def first_tokens_of_join(
+    documents: Iterable[tuple[int, str]],
+    tokenize: Callable[[str], Sequence[int]],
+    count: int,
+    label: str = "source",
+    what: str = "",
+    sep: str = " ",
+    margin: int = PREFIX_MARGIN_TOKENS,
+) -> tuple[list[int], list[int]]:
+    """``tokenize(sep.join(non-empty texts))[:count]`` without tokenizing the whole join.
+
+    Returns the tokens and the record indices of the documents the tokenized prefix covered.
+
+    Why this is exact: a Hugging Face tokenizer normalizes and pre-tokenizes text into pieces
+    (words with their leading space, whitespace runs, digit groups, punctuation) and encodes each
+    piece on its own; the only other change is a start token (the same for any prefix) and an
+    end token a post-processor may append. Cutting the text at character k therefore changes only
+    the pieces that reach k — the last few tokens — and the appended end token. We keep tokens only
+    when the prefix gives at least ``count + margin`` tokens, and accept ``tokens[:count]`` only
+    when a second, longer cut gives the same ``count`` tokens: a piece long enough to reach back
+    over ``margin`` tokens (one "word" of hundreds of tokens) would change with the cut and is
+    caught, and the prefix then grows (at worst to the whole join, tokenized once as the reference
+    does). Raises a one-line ``CalibrationError`` when the whole join has fewer than ``count`` tokens.
+    """
+    reader = _JoinReader(documents, sep)
+    chars = 6 * (count + margin)  # ~4-5 characters a token in English: one try usually suffices
+    agreed: list[int] | None = None  # the first `count` tokens of the previous cut
+    while True:
+        text, whole = reader.prefix(chars)
+        tokens = list(tokenize(text))
+        if whole:
+            if len(tokens) < count:
+                docs = "has no non-empty document" if reader.count == 0 else (
+                    f"has only {len(tokens)} tokens (its {reader.count} non-empty document(s) joined)")
+                raise CalibrationError(
+                    f"calibration source {label} {docs}, but format 'prefix' needs {what or count} tokens; "
+                    "use a longer source, fewer --nsamples or a shorter --seqlen"
+                )
+            return tokens[:count], reader.documents_in(len(text))
+        if len(tokens) >= count + margin:
+            if agreed is not None and agreed == tokens[:count]:
+                return agreed, reader.documents_in(chars)
+            agreed = tokens[:count]
+            chars += chars // 4 + 256  # the confirming, longer cut
+        else:
+            chars *= 2
 
 
 def pick_single(rng: random.Random, num_records: int, tokens_of: TokensOf) -> tuple[list[int], list[int]]:

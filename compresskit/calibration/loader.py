@@ -80,8 +80,21 @@ def _tokenizer_fn(tokenizer, text_of, keep: int | None):
 
 
 def build_samples(spec: CalibrationSpec, corpus: Corpus, tokenizer) -> tuple[torch.Tensor, torch.Tensor | None, list]:
-    """Draw the samples the spec asks for; returns ids, mask and the record indices per sample."""
+    """Draw the samples the spec asks for; returns ids, mask and the record indices per sample
+    (``prefix``: one entry, the records whose joined text the tokenized prefix covered)."""
     rng = random.Random(spec.seed)
+    if spec.format == "prefix":  # no RNG: the first nsamples·seqlen tokens of the joined documents
+        _ = corpus.text_column  # fail before reading when the source has no text
+
+        def tokenize(text: str) -> list[int]:  # with the special tokens, as the reference's tokenizer(text)
+            return list(tokenizer(text, verbose=False)["input_ids"])
+
+        count = spec.nsamples * spec.seqlen
+        tokens, used = formats.first_tokens_of_join(
+            corpus.row_texts(), tokenize, count, corpus.label,
+            what=f"--nsamples {spec.nsamples} × --seqlen {spec.seqlen} = {count}",
+        )
+        return torch.tensor(tokens, dtype=torch.long).view(spec.nsamples, spec.seqlen), None, [used]
     if spec.format == "window":
         _ = corpus.text_column  # fail before drawing when the source has no text
         tokens_of = _tokenizer_fn(tokenizer, corpus.document, keep=4)

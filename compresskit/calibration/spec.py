@@ -18,9 +18,11 @@ from compresskit.errors import InputError
 SAMPLER_VERSION = 1
 
 #: ``window``: random token windows of documents (pre-training text).
+#: ``prefix``: the FIRST nsamples·seqlen tokens of the non-empty documents joined with " " and
+#: tokenized once, cut into rows (FinerCut's reference, methods.md §8.2; no sampling, no seed).
 #: ``icl``: question-answer pairs concatenated (in-context learning); ``cot`` the same with
 #: rationales; ``single``: one pair per sample; ``zero``: the question only.
-FORMATS = ("window", "icl", "cot", "single", "zero")
+FORMATS = ("window", "prefix", "icl", "cot", "single", "zero")
 QA_FORMATS = ("icl", "cot", "single", "zero")
 PAD_SIDES = ("left", "right")
 
@@ -79,11 +81,13 @@ class CalibrationSpec:
 
     def sample_fields(self) -> dict[str, Any]:
         """The fields that change the samples; irrelevant ones are left out so caches are shared
-        (``num_incontext`` / ``pad_side`` do nothing for ``window``, ``num_incontext`` nothing for
-        ``single`` / ``zero``)."""
+        (``num_incontext`` / ``pad_side`` do nothing for ``window``, nor ``seed`` for ``prefix``,
+        ``num_incontext`` nothing for ``single`` / ``zero``)."""
         data = self.to_dict()
         if self.format == "window":
             del data["num_incontext"], data["pad_side"]
+        elif self.format == "prefix":
+            del data["num_incontext"], data["pad_side"], data["seed"]
         elif self.format in ("single", "zero"):
             del data["num_incontext"]
         return data

@@ -32,10 +32,12 @@ def removal_details(*, config: dict, search: SearchResult, num_blocks: int, num_
     removed_params = search.steps[-1].removed_params if search.steps else 0
     calib_note = None
     if calibration is not None:
+        spec = calibration.spec
+        how = ("the first nsamples·seqlen tokens of its non-empty documents joined with ' ' (format 'prefix', "
+               "the reference's construction)" if spec.format == "prefix"
+               else f"the loader's {spec.format!r} format (seed {spec.seed})")
         calib_note = ("reference: the first nsamples·seqlen tokens of the WikiText-2 train stream, no sampling; "
-                      f"here: {calibration.spec.nsamples} × {calibration.spec.seqlen} tokens from "
-                      f"{calibration.spec.source!r} in the loader's {calibration.spec.format!r} format "
-                      f"(seed {calibration.spec.seed})")
+                      f"here: {spec.nsamples} × {spec.seqlen} tokens from {spec.source!r}, {how}")
     return {
         "level": config["level"],
         "distance": config["distance"],

@@ -82,7 +82,8 @@ class MethodEntry:
     needs_calibration: Callable[[PruneJob, MethodConfig], bool]
     default_pruner: str | None = None  # the pruner a method name implies ("wanda" -> wanda)
     kind: str = "sparsity"  # "sparsity" (takes --sparsity / --pattern) or "structural"
-    #: the paper's calibration where it differs from the Wanda lineage's c4 128 × 2048 (source, nsamples, seqlen)
+    #: the paper's calibration where it differs from the Wanda lineage's c4 128 × 2048 random windows
+    #: (keys of CALIBRATION_DEFAULTS: calib, format, nsamples, seqlen)
     calibration_defaults: dict = field(default_factory=dict)
 
     def calibration_setting(self, name: str, given):
@@ -93,8 +94,8 @@ class MethodEntry:
 
 
 METHODS: dict[str, MethodEntry] = {}
-#: Wanda / SparseGPT / OWL / AlphaPruning: 128 C4 windows of 2048 tokens (methods.md §1.2)
-CALIBRATION_DEFAULTS = {"calib": "c4", "nsamples": 128, "seqlen": 2048}
+#: Wanda / SparseGPT / OWL / AlphaPruning: 128 random C4 windows of 2048 tokens (methods.md §1.2)
+CALIBRATION_DEFAULTS = {"calib": "c4", "format": "window", "nsamples": 128, "seqlen": 2048}
 
 
 def register(name: str, config_cls: type[MethodConfig], description: str, needs_calibration=None, default_pruner=None,

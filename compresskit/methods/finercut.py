@@ -9,9 +9,9 @@ The search runs in float32 as the reference does (``--score-dtype model`` to ski
 
 Removed sublayers are physically gone (``depth/removal.py``); blocks left without both sublayers
 are deleted and the rest renumbered, so a result made only of whole blocks is a stock
-checkpoint (``depth/blocks.py``). Calibration defaults are the paper's (WikiText-2, 10 × 256);
-the reference takes the *first* 2560 tokens of the train stream, the loader here draws windows
-(see the README's FinerCut section).
+checkpoint (``depth/blocks.py``). Calibration defaults are the paper's: the *first* 10 × 256
+tokens of the WikiText-2 train stream (empty lines dropped, the rest joined with " "), the
+loader's ``prefix`` format; ``--calib-format window`` draws random windows instead.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from ..engine.replay import BlockReplay
 from ..errors import InputError
 from .base import MethodConfig, MethodResult, PruneJob, register
 
-#: The paper's calibration (methods.md §8.2): WikiText-2 train, 10 sequences of 256 tokens.
-CALIBRATION_DEFAULTS = {"source": "wikitext2", "nsamples": 10, "seqlen": 256}
+#: The paper's calibration (methods.md §8.2): the first 10 × 256 tokens of WikiText-2 train.
+CALIBRATION_DEFAULTS = {"source": "wikitext2", "format": "prefix", "nsamples": 10, "seqlen": 256}
 
 
 class FinerCutConfig(MethodConfig):
@@ -168,6 +168,6 @@ register(
     "finercut", FinerCutConfig,
     "FinerCut: greedy removal of attention / MLP sublayers or whole blocks (--remove, --level, --distance)",
     kind="structural",
-    # the reference: 10 sequences x 256 tokens of WikiText-2 (methods.md §8.2)
-    calibration_defaults={"calib": "wikitext2", "nsamples": 10, "seqlen": 256},
+    # the reference: the first 10 x 256 tokens of WikiText-2 train, no sampling (methods.md §8.2)
+    calibration_defaults={"calib": "wikitext2", "format": "prefix", "nsamples": 10, "seqlen": 256},
 )(run_finercut)
