@@ -59,7 +59,16 @@ class OutputScorer:
 
 @dataclass
 class StopRule:
-    """Stop after ``count`` removals, or once ``params`` parameters are removed (whichever is set)."""
+    """Stop after ``count`` removals, or at the removal count nearest ``params`` parameters.
+
+    ``params`` (``--remove-params``): the greedy order is computed as always; the search stops
+    either just before or just after the removal that crosses the target, whichever leaves the
+    removed parameter count closer to ``params`` (a tie removes, so the request is met). Removal
+    sizes differ (an MLP sublayer holds ~2× an attention's parameters), so "stop once the target
+    is reached" could overshoot by a whole sublayer when stopping one step earlier is closer. The
+    first removal is always made: a run never returns the model unchanged (as ``--remove``, which
+    refuses a fraction that removes nothing).
+    """
 
     count: int | None = None
     params: int | None = None
@@ -68,6 +77,14 @@ class StopRule:
         if self.count is not None:
             return removed >= self.count
         return removed_params >= (self.params or 0)
+
+    def take(self, removed: int, removed_params: int, next_params: int) -> bool:
+        """Whether the greedy step's choice (``next_params`` parameters) is removed; False: stop
+        before it (the parameter target is closer without it)."""
+        if self.count is not None or removed == 0:
+            return True
+        target = self.params or 0
+        return removed_params + next_params - target <= target - removed_params
 
 
 @dataclass
@@ -87,6 +104,8 @@ class SearchResult:
     put_back_after: int | None = None
     put_back_at_step: int | None = None
     final_distance: float | None = None
+    #: the greedy choice of the last step, not removed by the parameter stop rule (name, params, distance)
+    declined: dict | None = None
     block_runs: int = 0
     seconds: float = 0.0
 
@@ -130,6 +149,10 @@ def greedy_search(
         else:
             scores = {c.name: scorer.score(start_of(c), swaps_for(c)) for c in active}
         best = min(active, key=lambda c: (scores[c.name], c.name))
+        if not stop.take(len(result.steps), removed_params, best.params):
+            result.declined = {"name": best.name, "type": best.kind, "block": best.block, "params": best.params,
+                               "distance": scores[best.name]}
+            break
         apply(best)
         if prefix_cache:
             scorer.refresh(best.block)

@@ -13,7 +13,7 @@ from .greedy import SearchResult
 
 def removal_details(*, config: dict, search: SearchResult, num_blocks: int, num_candidates: int, block_params: int,
                     model_params: int, kept_blocks: list[int] | None, per_layer_config: dict, score_dtype: str,
-                    calibration=None) -> dict:
+                    calibration=None, target_params: int | None = None) -> dict:
     order = []
     rows = [{"block": i, "attention": None, "mlp": None, "new_index": i} for i in range(num_blocks)]
     sublayers = 0
@@ -56,6 +56,13 @@ def removal_details(*, config: dict, search: SearchResult, num_blocks: int, num_
         "removed_params": removed_params,
         "param_fraction_blocks": removed_params / block_params if block_params else 0.0,
         "param_fraction_model": removed_params / model_params if model_params else 0.0,
+        # --remove-params: the request, what was achieved, and the greedy choice not taken (greedy.StopRule)
+        "requested_param_fraction": config.get("remove_params"),
+        "requested_params": target_params,
+        "achieved_param_fraction": removed_params / block_params if block_params else 0.0,
+        "stop_rule": ("remove_params: the removal count whose parameters are nearest the request (a tie removes; "
+                      "at least one removal)" if target_params is not None else "remove: int(N·R) removals"),
+        "declined_next": search.declined,
         "order": order,
         "per_layer": rows,
         "per_layer_config": per_layer_config,

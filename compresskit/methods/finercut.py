@@ -4,7 +4,8 @@ methods.md §8. Candidates are the 2L attention and MLP / MoE sublayers (``--lev
 blocks, attention only, MLP only); a greedy loop removes, one at a time, the candidate whose
 removal moves the model's next-token distributions least from the unpruned model's (JS
 divergence in the reference's code form by default), re-scoring after every removal, until
-``--remove`` of the candidates (or ``--remove-params`` of the blocks' parameters) are gone.
+``--remove`` of the candidates are gone (or the removal count whose parameters are nearest
+``--remove-params`` of the blocks' parameters: ``depth/greedy.StopRule``).
 The search runs in float32 as the reference does (``--score-dtype model`` to skip the cast).
 
 Removed sublayers are physically gone (``depth/removal.py``); blocks left without both sublayers
@@ -43,7 +44,8 @@ class FinerCutConfig(MethodConfig):
     )
     remove_params: float | None = Field(
         None, gt=0, lt=1, json_schema_extra={"flag": "--remove-params"},
-        description="Instead of --remove: stop once this fraction of the decoder blocks' parameters is removed.",
+        description="Instead of --remove: remove sublayers in greedy order until the removed share of the decoder "
+                    "blocks' parameters is nearest this fraction (stop before or after the crossing removal).",
     )
     level: Literal["sublayer", "block", "attn", "mlp"] = Field(
         "sublayer", json_schema_extra={"flag": "--level"},
@@ -155,7 +157,7 @@ def run_finercut(job: PruneJob, config: FinerCutConfig) -> MethodResult:
     details = removal_details(
         config=config.model_dump(), search=search, num_blocks=num_blocks, num_candidates=num_level_candidates,
         block_params=block_params, model_params=model_params, kept_blocks=kept, per_layer_config=skips,
-        score_dtype=score_dtype, calibration=data,
+        score_dtype=score_dtype, calibration=data, target_params=stop.params,
     )
     return MethodResult(
         method="finercut", config=config.model_dump(), details=details, structure=structure,
