@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py MODEL_DIR MOE_DIR CALIB OUT_DIR
 
-Prunes ``MODEL_DIR`` with Wanda, SparseGPT and OWL and ``MOE_DIR`` with SparseGPT through
+Prunes ``MODEL_DIR`` with Wanda, SparseGPT and OWL (in fp32 and in bf16) and ``MOE_DIR`` with SparseGPT through
 ``compresskit.api.prune`` (output ``OUT_DIR/<run>``), saves this rank's masks
 (``masks_<run>_rank<R>.pt``), which checkpoints this rank wrote and how many calibration samples
 its engine got (``rank<R>.json``), reduces hand-made statistics where the ranks saw different
@@ -24,8 +24,14 @@ import compresskit.api as api
 from compresskit import cli
 from compresskit.engine import distributed
 
-RUNS = {"wanda": "wanda", "sparsegpt": "sparsegpt", "owl": "owl", "moe_sparsegpt": "sparsegpt"}
+RUNS = {"wanda": "wanda", "sparsegpt": "sparsegpt", "owl": "owl", "moe_sparsegpt": "sparsegpt",
+        "bf16_wanda": "wanda", "bf16_sparsegpt": "sparsegpt", "bf16_owl": "owl"}
 CALIB = dict(nsamples=8, seqlen=32, seed=0, batch_size=2, device="cpu")
+
+
+def run_dtype(run: str) -> str:
+    """``bf16_*`` runs load the (fp32) tiny model in bfloat16: rounding differences matter most there."""
+    return "bfloat16" if run.startswith("bf16") else "auto"
 
 
 def decoder_masks(model) -> dict[str, torch.Tensor]:
@@ -89,7 +95,7 @@ def main(model_dir: str, moe_dir: str, calib: str, out_dir: str) -> None:
     hyper = {}
     for run, method in RUNS.items():
         model = moe_dir if run.startswith("moe") else model_dir
-        outcome = api.prune(model, method, sparsity=0.5, calib=calib, out=out / run, **CALIB)
+        outcome = api.prune(model, method, sparsity=0.5, calib=calib, out=out / run, dtype=run_dtype(run), **CALIB)
         torch.save(decoder_masks(outcome.model), out / f"masks_{run}_rank{rank}.pt")
         hyper[run] = outcome.manifest.hyperparameters
     (out / f"rank{rank}.json").write_text(json.dumps(

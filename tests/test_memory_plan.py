@@ -55,10 +55,10 @@ def test_activation_estimate_at_llama7b_shape():
 
 
 def test_statistic_estimate_at_llama7b_shape():
-    hessians = 4 * (6 * 4096**2 + 11008**2)  # one fp32 [in, in] per linear
-    solve = 4 * 2 * 11008**2 + 5 * 4096 * 11008  # down_proj: damped copy + inverse factor, W fp32 + mask
+    hessians = (8 + 4) * (6 * 4096**2 + 11008**2)  # at most one fp64 [in, in] sum + fp32 value per linear
+    solve = 8 * 3 * 11008**2 + 5 * 4096 * 11008  # down_proj: fp64 damped copy, inverse, factor; W fp32 + mask
     assert statistic_bytes(LLAMA7B_BLOCK, "hessian") == hessians + solve
-    assert statistic_bytes(LLAMA7B_BLOCK, "sq_norm") == 4 * (6 * 4096 + 11008) + 4 * 4096 * 11008
+    assert statistic_bytes(LLAMA7B_BLOCK, "sq_norm") == (8 + 4) * (6 * 4096 + 11008) + 4 * 4096 * 11008
     assert statistic_bytes(LLAMA7B_BLOCK, "none") == 4 * 4096 * 11008
     assert statistic_bytes([], "hessian") == 0
 

@@ -59,10 +59,11 @@ class InputStatsCollector:
     def all_reduce(self) -> None:
         """Sum every statistic and every hook count over the data-parallel ranks (no-op alone).
 
-        Each accumulator holds an fp32 *sum* and a sample count (``pruning.stats``); both are
-        summed over ranks (``engine.distributed.all_reduce_sum``), so ``value()`` afterwards is
-        the statistic of all ranks' samples — the single-process number up to float summation
-        order — and identical on every rank. Accumulators shared by linears reading the same
+        Each accumulator holds a float64 *sum* (each batch's fp32 contribution added in fp64) and
+        a sample count (``pruning.stats``); both are summed over ranks in fp64
+        (``engine.distributed.all_reduce_sum``), so ``value()`` afterwards (rounded to fp32 once)
+        is the statistic of all ranks' samples — the single-process number up to fp64 summation
+        order, which the fp32 rounding hides in practice — and identical on every rank. Accumulators shared by linears reading the same
         input (q/k/v) are reduced once: the sharing groups of all ranks are merged first, and a
         rank that saw no token of a linear (a routed expert, or no batch at all) contributes
         zeros. Linears no rank saw stay without a statistic.

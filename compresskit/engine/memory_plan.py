@@ -30,6 +30,7 @@ _UNITS = {
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
 
 FP32 = 4
+FP64 = 8
 
 
 def parse_size(text: str | int, option: str = "--max-gpu-memory") -> int:
@@ -78,19 +79,20 @@ def batch_working_bytes(batch: int, seqlen: int, hidden: int, widest: int, dtype
 def statistic_bytes(shapes: list[tuple[int, int]], needs: str) -> int:
     """The statistics of a block's linears (``[out, in]`` shapes) plus the solve of the largest.
 
-    ``hessian`` (SparseGPT): one fp32 ``[in, in]`` per linear, and for the largest solve the
-    damped copy and its inverse factor (``2·in²``) and the fp32 work copy of ``W`` and its mask
-    (``5·out·in`` bytes). ``sq_norm`` (Wanda): one fp32 ``[in]`` per linear and the fp32 score
-    matrix of the largest. ``none`` (magnitude): the largest score matrix.
+    ``hessian`` (SparseGPT): per linear at most one fp64 ``[in, in]`` sum and its fp32 value
+    (linears reading the same input share both), and for the largest solve the fp64 damped copy,
+    inverse and inverse factor (``3·8·in²``) and the fp32 work copy of ``W`` and its mask
+    (``5·out·in`` bytes). ``sq_norm`` (Wanda): one fp64 ``[in]`` sum and fp32 value per linear and
+    the fp32 score matrix of the largest. ``none`` (magnitude): the largest score matrix.
     """
     if not shapes:
         return 0
     largest_wt = max(o * i for o, i in shapes)
     if needs == "hessian":
         largest_in = max(i for _, i in shapes)
-        return FP32 * sum(i * i for _, i in shapes) + FP32 * 2 * largest_in**2 + 5 * largest_wt
+        return (FP64 + FP32) * sum(i * i for _, i in shapes) + FP64 * 3 * largest_in**2 + 5 * largest_wt
     if needs == "sq_norm":
-        return FP32 * sum(i for _, i in shapes) + FP32 * largest_wt
+        return (FP64 + FP32) * sum(i for _, i in shapes) + FP32 * largest_wt
     return FP32 * largest_wt
 
 

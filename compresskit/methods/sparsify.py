@@ -188,10 +188,15 @@ def prune_blocks(
             return False
         collector = ctx.collect_input_stats(linears, factory)
         collector.all_reduce()
-        values = {}
+        values, by_stat = {}, {}
         for local in linears:
             stat = collector.stats.get(local)
-            values[local] = stat.value() if stat is not None and collector.samples[local] > 0 else None
+            if stat is not None and collector.samples[local] > 0:
+                if id(stat) not in by_stat:  # q/k/v share one statistic: one fp32 value for all three
+                    by_stat[id(stat)] = stat.value()
+                values[local] = by_stat[id(stat)]
+            else:
+                values[local] = None
         # Data-parallel: each rank solves its share of the matrices, then every result is
         # broadcast from its owner, so all ranks hold the same pruned block.
         owners = assign_owners([_solve_cost(spec.needs, m) for m in linears.values()])

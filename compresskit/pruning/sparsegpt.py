@@ -20,7 +20,12 @@ prune exactly ``int(numel_block * s)`` entries, like ``masks.matrix_mask``. N:M:
 
 Numerics follow the reference: float32 work copy, TF32 off, dead input columns (``H_jj == 0``:
 the feature never fired) get ``H_jj = 1`` and zero weights, ``percdamp * mean(diag H)`` is added
-to the diagonal. Unlike the reference, which crashes when the damped H is not positive definite
+to the diagonal. One difference: the damping and the factorisation chain (Cholesky, inverse,
+Cholesky) run in float64 and ``U`` is rounded to float32 once. LAPACK's blocked fp32 factorisation
+gives different roundings for different CPU thread counts, so the same Hessian solved by a rank
+with 1 thread and by one process with 2 threads gave slightly different ``U``; in a bf16 model such
+a difference flips bf16 roundings of updated weights and spreads through the next blocks' inputs.
+In fp64 the difference is ~1e-16 and vanishes in the fp32 rounding (``engine.distributed``). Unlike the reference, which crashes when the damped H is not positive definite
 (a rank-deficient Hessian from too few calibration tokens), we retry with 10x the damping a few
 times and report it (``SparseGPTResult.damping_retries``, plus a log warning). The caller's
 Hessian is never modified (q/k/v share one).
@@ -79,7 +84,10 @@ def upper_cholesky_of_inverse(hessian: torch.Tensor, percdamp: float) -> tuple[t
         lower, info = torch.linalg.cholesky_ex(hessian)
         if int(info) != 0:
             continue
-        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+        inverse = torch.cholesky_inverse(lower)
+        del lower  # at most three [in, in] alive: the damped copy, the inverse, its factor
+        upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+        del inverse
         if int(info) == 0 and bool(torch.isfinite(upper).all()):
             return upper, damping, retry
     raise InputError(
@@ -126,7 +134,7 @@ def sparsegpt_reconstruct_(
     device = weight.device
 
     with full_fp32_matmul():
-        work_h = hessian.detach().to(device=device, dtype=torch.float32, copy=True)
+        work_h = hessian.detach().to(device=device, dtype=torch.float64, copy=True)
         if not bool(torch.isfinite(work_h).all()):
             raise InputError(
                 "SparseGPT: the Hessian has NaN/inf entries (the calibration forward overflowed); "
@@ -140,6 +148,7 @@ def sparsegpt_reconstruct_(
         weight_t[dead] = 0.0
         hinv, percdamp_used, retries = upper_cholesky_of_inverse(work_h, float(percdamp))
         del work_h
+        hinv = hinv.to(torch.float32)  # factorised in fp64, rounded once
         hinv_diag = hinv.diagonal()
 
         mask_t = torch.zeros((cols, rows), dtype=torch.bool, device=device)
