@@ -9,7 +9,10 @@ KV cache: :class:`RemovedAttention` computes nothing and stores nothing. It repl
 slot (same ``layer_idx`` as the attention it replaced) by transformers' ``DummyLayer`` — the
 slot type transformers uses for layers without attention — so the cache's sequence length and
 mask sizes are read from the first layer that really attends, and indices of the other layers
-are untouched. Post-norm blocks (OPT with ``do_layer_norm_before=False``) keep their norms: there
+are untouched. When *every* attention is removed there is no such layer, and transformers cannot
+tell the cache's length (``get_seq_length`` raises): the last removed attention then keeps its
+slot and appends one zero per token (keys / values ``[batch, 1, tokens, 1]``) so the cache
+counts tokens — positions and masks of later steps stay right; nothing reads those zeros. Post-norm blocks (OPT with ``do_layer_norm_before=False``) keep their norms: there
 the norm sits on the residual stream, not on the branch.
 """
 
@@ -25,9 +28,10 @@ def _hidden(args, kwargs) -> torch.Tensor:
     return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
 
-def _mark_cache_slot_empty(cache, layer_idx: int) -> None:
-    """Make ``cache.layers[layer_idx]`` transformers' ``DummyLayer`` (holds no keys / values)."""
-    from transformers.cache_utils import DummyLayer
+def _mark_cache_slot_empty(cache, layer_idx: int, hidden: torch.Tensor) -> None:
+    """Make ``cache.layers[layer_idx]`` transformers' ``DummyLayer`` (holds no keys / values),
+    unless no other slot could then count the cache's tokens: that slot stays and counts them."""
+    from transformers.cache_utils import CacheLayerMixin, DummyLayer
 
     layers = getattr(cache, "layers", None)
     if not isinstance(layers, list):
@@ -35,8 +39,14 @@ def _mark_cache_slot_empty(cache, layer_idx: int) -> None:
     replicate = getattr(cache, "layer_class_to_replicate", None)
     while len(layers) <= layer_idx and replicate is not None:
         layers.append(replicate())
-    if layer_idx < len(layers) and not isinstance(layers[layer_idx], DummyLayer):
+    if layer_idx >= len(layers) or isinstance(layers[layer_idx], DummyLayer):
+        return
+    if any(isinstance(layer, CacheLayerMixin) for j, layer in enumerate(layers) if j != layer_idx):
         layers[layer_idx] = DummyLayer()
+        return
+    # every other slot is a DummyLayer: this one is the cache's only token counter (all attention removed)
+    zeros = hidden.new_zeros(hidden.shape[0], 1, hidden.shape[-2], 1)
+    layers[layer_idx].update(zeros, zeros)
 
 
 class RemovedAttention(nn.Module):
@@ -50,7 +60,7 @@ class RemovedAttention(nn.Module):
         hidden = _hidden(args, kwargs)
         cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
         if cache is not None and self.layer_idx is not None:
-            _mark_cache_slot_empty(cache, self.layer_idx)
+            _mark_cache_slot_empty(cache, self.layer_idx, hidden)
         return torch.zeros_like(hidden), None
 
 
