@@ -1,9 +1,14 @@
 """Data-parallel calibration (engine/distributed.py): 2 gloo ranks under torchrun vs 1 process.
 
 One ``torchrun --nproc-per-node 2`` run of tests/distributed_worker.py (started once per session,
-~30 s on 2 cores) prunes a tiny Llama with Wanda, SparseGPT and OWL and a tiny Qwen2-MoE with
-SparseGPT; the masks must match the single-process run (≥ 99.9 % of entries; measured: 100 %),
-be identical on both ranks, and only rank 0 may write.
+~30 s on 2 cores) prunes a tiny Llama with Wanda, SparseGPT and OWL, in fp32 and in bf16, and a
+tiny Qwen2-MoE with SparseGPT; the masks must match the single-process run (≥ 99.9 % of entries;
+measured: 100 %), be identical on both ranks, and only rank 0 may write. The ranks run with one
+thread each, the single process here with the default thread count, as in real use.
+
+bf16 is the sensitive case: an fp32 difference in SparseGPT's weight update flips a bf16 rounding,
+which changes the next block's inputs. Statistics are therefore summed in float64 (per-rank
+sums, then an fp64 all-reduce) and SparseGPT factorises in float64, each rounded to fp32 once.
 """
 
 from __future__ import annotations
@@ -19,11 +24,12 @@ import torch
 
 import compresskit.api as api
 from compresskit.engine.collect import _merge_groups
-from compresskit.engine.distributed import all_reduce_mean, all_reduce_sum, assign_owners, batch_share, is_writer
+from compresskit.engine.distributed import all_reduce_floats, all_reduce_mean, all_reduce_sum, assign_owners, batch_share, is_writer
 
 TESTS = Path(__file__).parent
 CALIB = dict(nsamples=8, seqlen=32, seed=0, batch_size=2, device="cpu")
-RUNS = {"wanda": "wanda", "sparsegpt": "sparsegpt", "owl": "owl", "moe_sparsegpt": "sparsegpt"}
+RUNS = {"wanda": "wanda", "sparsegpt": "sparsegpt", "owl": "owl", "moe_sparsegpt": "sparsegpt",
+        "bf16_wanda": "wanda", "bf16_sparsegpt": "sparsegpt", "bf16_owl": "owl"}
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -61,6 +67,7 @@ def test_single_process_helpers_are_identities():
     x = torch.tensor([1.0, 2.0])
     assert all_reduce_sum(x) is x and x.tolist() == [1.0, 2.0]
     assert all_reduce_mean(torch.tensor(3.0), 5).item() == 3.0
+    assert all_reduce_floats(0.1, 3) == (0.1, 3)  # the same values, untouched: single-process scores unchanged
     assert is_writer()
 
 
@@ -85,11 +92,11 @@ def _agreement(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 @pytest.mark.parametrize("run", list(RUNS))
 def test_two_ranks_give_the_single_process_masks(two_ranks, run):
-    from distributed_worker import decoder_masks
+    from distributed_worker import decoder_masks, run_dtype
 
     llama, moe, sotu, out = two_ranks
     model = moe if run.startswith("moe") else llama
-    single = api.prune(str(model), RUNS[run], sparsity=0.5, calib=f"file:{sotu}", **CALIB)
+    single = api.prune(str(model), RUNS[run], sparsity=0.5, calib=f"file:{sotu}", dtype=run_dtype(run), **CALIB)
     expected = decoder_masks(single.model)
     rank0 = torch.load(out / f"masks_{run}_rank0.pt")
     rank1 = torch.load(out / f"masks_{run}_rank1.pt")
@@ -103,8 +110,8 @@ def test_two_ranks_give_the_single_process_masks(two_ranks, run):
 def test_ranks_split_the_samples_and_only_rank_0_writes(two_ranks):
     _, _, _, out = two_ranks
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    # 8 samples in batches of 2: each rank's engine ran on 4 (OWL runs the engine twice)
-    assert ranks[0]["engine_samples"] == ranks[1]["engine_samples"] == [4, 4, 4, 4, 4]
+    # 8 samples in batches of 2: each rank's engine ran on 4 (OWL runs the engine twice), fp32 then bf16
+    assert ranks[0]["engine_samples"] == ranks[1]["engine_samples"] == [4] * 9
     assert ranks[0]["written"] == [str(out / run) for run in RUNS]
     assert ranks[1]["written"] == []
     assert ranks[0]["hyperparameters"]["sparsegpt"]["data_parallel_ranks"] == 2
@@ -152,3 +159,58 @@ def test_python_m_compresskit_runs_the_cli(monkeypatch, capsys):
         runpy.run_module("compresskit", run_name="__main__")
     assert exit_info.value.code in (0, None)
     assert "--max-gpu-memory" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- structural searches, 2 ranks vs 1
+@pytest.fixture(scope="module")
+def two_ranks_structural(tiny_model_dir, sotu_jsonl, tmp_path_factory):
+    llama, moe = tiny_model_dir("llama"), tiny_model_dir("qwen2_moe")
+    out = tmp_path_factory.mktemp("dp2-structural")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(TESTS))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(TESTS / "distributed_structural_worker.py"), str(llama), str(moe), f"file:{sotu_jsonl}", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((out / f"structural_rank{r}.json").read_text()) for r in range(2)]
+    return llama, moe, sotu_jsonl, ranks
+
+
+def test_cdmoe_orders_with_two_ranks_equal_one_process(two_ranks_structural):
+    """Each rank scores its half of the samples; distance sums, token counts, routing statistics and
+    the shared-gate mean are all-reduced before every argmin, so both ranks and one process agree."""
+    from distributed_structural_worker import CALIB, CDMOE, run_cdmoe
+
+    _, moe, sotu, ranks = two_ranks_structural
+    single = run_cdmoe(str(moe), f"file:{sotu}")
+    assert ranks[0]["samples"]["expert_stats"] == ranks[1]["samples"]["expert_stats"] == [4]  # 8 samples, halved
+    assert ranks[0]["samples"]["replay"][:1] == ranks[1]["samples"]["replay"][:1] == [4]
+    for got in (r["cdmoe"] for r in ranks):
+        assert got["expert_order"] == single["expert_order"]
+        assert got["layer_order"] == single["layer_order"]
+        assert len(got["layer_order"]) == CDMOE["layers"] and all(len(o) == CDMOE["experts"]
+                                                                  for o in got["expert_order"].values())
+        for key in single["expert_order"]:
+            assert got["expert_stats"][key]["count"] == single["expert_stats"][key]["count"]
+            assert got["expert_stats"][key]["tokens"] == single["expert_stats"][key]["tokens"]
+            assert got["avg_w"][key] == pytest.approx(single["avg_w"][key], rel=1e-12)
+            assert got["shared_gate_mean"][key] == pytest.approx(single["shared_gate_mean"][key], rel=1e-12)
+            assert got["expert_distances"][key] == pytest.approx(single["expert_distances"][key], rel=1e-9)
+        assert got["layer_distances"] == pytest.approx(single["layer_distances"], rel=1e-9)
+    assert ranks[0]["cdmoe"]["expert_distances"] == ranks[1]["cdmoe"]["expert_distances"]  # the same bits
+    assert CALIB["nsamples"] == 8
+
+
+def test_finercut_removal_order_with_two_ranks_equals_one_process(two_ranks_structural):
+    from distributed_structural_worker import run_finercut
+
+    llama, _, sotu, ranks = two_ranks_structural
+    single = run_finercut(str(llama), f"file:{sotu}")
+    assert ranks[0]["samples"]["replay"][-1] == ranks[1]["samples"]["replay"][-1] == 4
+    assert single["removed"] >= 2
+    names = [(s["step"], s["name"]) for s in single["order"]]
+    for got in (r["finercut"] for r in ranks):
+        assert [(s["step"], s["name"]) for s in got["order"]] == names and got["removed"] == single["removed"]
+        assert [s["distance"] for s in got["order"]] == pytest.approx([s["distance"] for s in single["order"]],
+                                                                    rel=1e-9)
+        assert got["final_distance"] == pytest.approx(single["final_distance"], rel=1e-9)
+    assert ranks[0]["finercut"] == ranks[1]["finercut"]  # the same bits on every rank

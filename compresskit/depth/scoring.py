@@ -6,6 +6,8 @@ candidate's logits are compared batch by batch and in row chunks, so at no time 
 batch of candidate logits (and a chunk of their float64 copies) is in memory. The chunked sums
 reproduce the whole-tensor values of ``analysis.distances`` exactly (up to summation order):
 means over tokens are weighted by the tokens in each chunk, ``norm`` adds squared norms.
+Under torchrun the sums and token counts of all ranks' batches are added before dividing
+(``DistanceAccumulator.value``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Iterable
 import torch
 
 from ..analysis.distances import DISTANCES, JS_FORMS, distance
+from ..engine.distributed import all_reduce_floats
 
 ROW_CHUNK = 64
 
@@ -63,9 +66,18 @@ class DistanceAccumulator:
             self.rows += n
 
     def value(self) -> float:
+        """The distance over all ranks' tokens (a collective under torchrun: every rank calls it).
+
+        Data-parallel (``engine.distributed``): each rank's ``BlockReplay`` holds its share of
+        the calibration batches, so ``total`` and ``rows`` are this rank's partial sums; they are
+        summed over ranks in float64 (``all_reduce_floats``) and divided afterwards, so every
+        rank gets the same distance and the greedy argmin picks the same candidate. One process:
+        no reduction, the value is exactly as before.
+        """
+        total, rows = all_reduce_floats(self.total, self.rows)
         if self.name == "norm":
-            return math.sqrt(self.total)
-        return self.total / max(self.rows, 1)
+            return math.sqrt(total)
+        return total / max(rows, 1)
 
 
 def logits_distance(name: str, refs: Iterable[torch.Tensor], news: Iterable[torch.Tensor],

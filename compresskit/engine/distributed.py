@@ -12,19 +12,24 @@ The contract every calibration method follows:
   keeps a contiguous share of whole *batches* (:func:`batch_share`): the batches are exactly the
   ones one process would form, so per-batch results (block outputs, per-batch sample counts)
   are bit-identical to the single-process run.
-* **Statistics** are sums plus sample counts. Each rank accumulates over its batches; the fp32
-  sums and the counts are summed over ranks with one ``all_reduce(SUM)`` each
-  (:func:`all_reduce_sum`) *before* any statistic is used. The result is the single-process
-  sum up to the order of float additions (rank-partial sums added together instead of one
-  running sum), and every rank holds the same bits afterwards.
+* **Statistics** are sums plus sample counts. Each rank accumulates over its batches; the
+  float64 sums (``pruning.stats``: each batch's fp32 contribution added to an fp64 sum) and the
+  counts are summed over ranks with one ``all_reduce(SUM)`` each (:func:`all_reduce_sum`)
+  *before* any statistic is used, then rounded to fp32 once. The result is the single-process
+  sum up to the order of fp64 additions (rank-partial sums added together instead of one
+  running sum) — after the fp32 rounding the same bits in practice — and every rank holds the
+  same bits afterwards.
 * **Decisions** (masks, allocations, ranks) are computed from reduced statistics, so every rank
   takes the same decision; the per-matrix solves of a block are spread over ranks
   (:func:`assign_owners`) and each result is broadcast from its owner (:func:`broadcast_`).
 * **Writing** (checkpoints, JSON, plots, tables) happens on rank 0 only (:func:`is_writer`).
 
-Structural methods that score candidates on calibration data (distances, losses) reduce their
-per-rank partial scores with :func:`all_reduce_sum` (sums and token counts) or
-:func:`all_reduce_mean` (a token-weighted mean) before comparing candidates.
+Structural methods that score candidates on calibration data (CD-MoE, FinerCut, REAP's
+saliency) follow the same contract: their passes (``moe.stats.collect_expert_stats``,
+``engine.replay.BlockReplay``) keep this rank's :func:`batch_share`; routing statistics are
+reduced with :func:`all_reduce_sum`; each candidate's distance is a per-rank sum plus a token
+count reduced with :func:`all_reduce_floats` (or :func:`all_reduce_mean`, a token-weighted mean)
+and divided after the reduction, before the argmin, so every rank chooses the same candidate.
 """
 
 from __future__ import annotations
@@ -157,6 +162,24 @@ def all_reduce_mean(value: torch.Tensor, count: torch.Tensor | float) -> torch.T
     total = all_reduce_sum(weighted.clone())
     n = all_reduce_sum(count_t.clone().reshape(1)).reshape(())
     return (total / n).to(value.dtype)
+
+
+def all_reduce_floats(*values: float) -> tuple[float, ...]:
+    """Python numbers (per-rank partial sums and counts) summed over all ranks in float64.
+
+    One ``all_reduce`` for all of them; in a single process the very same values come back
+    untouched, so single-process scores stay bit-for-bit what they were. The structural searches
+    (CD-MoE, FinerCut) reduce a candidate's distance this way: each rank sums the distance
+    contributions of its own batches (``Σ rows · per-chunk mean``, or ``Σ ‖Δ‖²`` for the norm)
+    and its token count; after the reduction every rank divides the same totals, so every rank
+    compares the same numbers and picks the same candidate. The order of the additions differs
+    from one process's running sum (rank partial sums added together), hence "up to fp64 rounding".
+    """
+    if not is_active():
+        return tuple(values)
+    buffer = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    all_reduce_sum(buffer)
+    return tuple(buffer.tolist())
 
 
 def all_gather_objects(obj) -> list:

@@ -11,6 +11,12 @@ by ``capture_block_inputs``, exactly as the sequential engine does.
 
 Memory: ``num_blocks × nsamples × seqlen × hidden`` activations on ``store_device`` (CPU by
 default); the structural methods' calibration sets are small (FinerCut: 10 × 256 tokens).
+
+Data-parallel (``engine.distributed``): under torchrun each rank keeps only its ``batch_share``
+of the samples (whole batches, the ones one process forms), so every hidden state here is this
+rank's share; a score over them is a per-rank sum plus a token count that the scorer reduces over
+ranks before comparing candidates (``depth.scoring.DistanceAccumulator``,
+``moe.search.batched_distance``). One process keeps every sample, as before.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from torch import nn
 
 from ..models.placement import onload
 from .capture import CapturedInputs, capture_block_inputs
+from .distributed import batch_share
 
 
 def _block_output(out):
@@ -62,8 +69,9 @@ class BlockReplay:
         self.device = torch.device(device)
         self.store_device = torch.device(store_device)
         self.batch_size = max(1, int(batch_size))
-        self.input_ids = input_ids
-        self.attention_mask = attention_mask
+        share = batch_share(input_ids.shape[0], self.batch_size)  # everything in one process
+        self.input_ids = input_ids[share]
+        self.attention_mask = None if attention_mask is None else attention_mask[share]
         self.progress = progress
         self.captured: CapturedInputs | None = None
         #: block_inputs[i][b]: hidden state entering block i for batch b (i == num_blocks: after the last block)

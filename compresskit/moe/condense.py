@@ -164,7 +164,14 @@ def shared_output(view: MoEView, x: torch.Tensor, shared_gate: str, gate_mean: f
 
 
 def shared_gate_mean(view: MoEView, inputs: list[torch.Tensor], masks: list[torch.Tensor | None]) -> float | None:
-    """Mean of σ(shared_expert_gate(x)) over the real calibration tokens (None without a gate)."""
+    """Mean of σ(shared_expert_gate(x)) over the real calibration tokens (None without a gate).
+
+    Data-parallel: ``inputs`` are this rank's batches; the sum and the token count are summed over
+    ranks (``engine.distributed.all_reduce_floats``) before dividing, so every rank gets the mean
+    over all tokens (one process: unchanged).
+    """
+    from ..engine.distributed import all_reduce_floats
+
     gate = view.shared_expert_gate
     if gate is None:
         return None
@@ -175,6 +182,7 @@ def shared_gate_mean(view: MoEView, inputs: list[torch.Tensor], masks: list[torc
             s = s[mask.to(s.device).bool()]
         total += float(s.double().sum())
         n += s.numel()
+    total, n = all_reduce_floats(total, n)
     return total / max(n, 1)
 
 

@@ -6,6 +6,11 @@ candidate), then one ``BlockReplay`` capture and the greedy layer search. ``cond
 replaces the chosen blocks' MoE modules on the model object (inside ``onload``) and picks the
 checkpoint form. The orders are plain JSON (``CdmoeOrders.to_dict``), stored in the manifest, so
 a smaller budget is cut from them without a new search (``--from-order``).
+
+Under torchrun both passes run on this rank's share of the samples (``collect_expert_stats`` and
+``BlockReplay`` apply ``engine.distributed.batch_share``); the routing statistics, the shared-gate
+mean and every candidate's distance are reduced over ranks before use (``ExpertStats.all_reduce``,
+``condense.shared_gate_mean``, ``search.batched_distance``), so all ranks find the same orders.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..analysis.distances import DISTANCES, distance as distance_fn
+from ..engine.distributed import all_reduce_floats
 from ..models.adapters.moe import MoEView
 from .condense import shared_output
 from .stats import expert_act, expert_forward
@@ -35,7 +36,13 @@ JS_EPS = 1e-10  # CD-MoE's ε inside the logs
 def batched_distance(name: str, refs: list[torch.Tensor], news: list[torch.Tensor],
                      masks: list[torch.Tensor | None]) -> float:
     """D over all batches' real tokens: the token-weighted mean of per-batch means (js, kl, angular)
-    or the Frobenius norm of all differences (norm)."""
+    or the Frobenius norm of all differences (norm).
+
+    Data-parallel: the batches are this rank's share; the sum (``Σ rows · mean`` or ``Σ norm²``)
+    and the token count are summed over ranks (``engine.distributed.all_reduce_floats``) before
+    dividing, so every rank gets D over all samples and picks the same candidate. Every rank
+    must call it the same number of times (the greedy loops do: their choices agree).
+    """
     total, n = 0.0, 0
     for ref, new, mask in zip(refs, news, masks):
         rows = int(mask.sum()) if mask is not None else ref.numel() // ref.shape[-1]
@@ -44,6 +51,7 @@ def batched_distance(name: str, refs: list[torch.Tensor], news: list[torch.Tenso
         d = float(distance_fn(name, ref, new, mask, js_form="textbook", eps=JS_EPS))
         total += d * d if name == "norm" else d * rows
         n += rows
+    total, n = all_reduce_floats(total, n)
     if name == "norm":
         return math.sqrt(total)
     return total / max(n, 1)

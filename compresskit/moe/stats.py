@@ -50,6 +50,23 @@ class ExpertStats:
         """REAP: mean over routed tokens of g_e(x)·‖f_e(x)‖₂; 0 for an expert never routed to."""
         return torch.where(self.count > 0, self.sum_saliency / self.count.clamp_min(1), torch.zeros_like(self.count))
 
+    def all_reduce(self) -> None:
+        """Sum the accumulators and the token count over data-parallel ranks (a no-op alone).
+
+        Counts, weight sums and saliency sums are float64 sums over this rank's tokens, so the
+        reduced values are the statistics of all ranks' tokens (``avg_w`` and ``saliency`` are
+        divided afterwards), the same on every rank.
+        """
+        from ..engine.distributed import all_reduce_sum, is_active
+
+        if not is_active():
+            return
+        for total in (self.count, self.sum_w, self.sum_saliency):
+            all_reduce_sum(total)
+        tokens = torch.tensor([self.tokens], dtype=torch.int64)
+        all_reduce_sum(tokens)
+        self.tokens = int(tokens)
+
     def to_dict(self) -> dict:
         return {"tokens": self.tokens, "count": [int(c) for c in self.count.tolist()],
                 "sum_w": self.sum_w.tolist(), "avg_w": self.avg_w.tolist(), "saliency": self.saliency.tolist()}
@@ -155,9 +172,19 @@ def collect_expert_stats(adapter, input_ids: torch.Tensor, attention_mask: torch
     ``on_layer(ctx, view, hook)`` (optional) runs for each MoE block while it is on the device,
     after its statistics are complete; with ``record_io`` the hook holds the MoE module's inputs
     and outputs and ``ctx.outputs`` the block's (CD-MoE's per-layer expert search uses them).
+
+    Data-parallel (``engine.distributed``): under torchrun each rank runs the pass on its
+    ``batch_share`` of the samples and the statistics are summed over ranks
+    (:meth:`ExpertStats.all_reduce`) before ``on_layer`` and before they are returned, so every
+    rank holds the statistics of all samples; the recorded inputs / outputs stay this rank's
+    share (scores computed from them must be reduced too). One process: all samples, as before.
     """
+    from ..engine.distributed import batch_share
     from ..engine.sequential import SequentialRunner
 
+    share = batch_share(input_ids.shape[0], batch_size)
+    input_ids = input_ids[share]
+    attention_mask = None if attention_mask is None else attention_mask[share]
     found: dict[int, ExpertStats] = {}
 
     def visit(ctx) -> bool:
@@ -167,6 +194,7 @@ def collect_expert_stats(adapter, input_ids: torch.Tensor, attention_mask: torch
         hook = ExpertStatsHook(view, saliency=saliency, record_io=record_io)
         with hook:
             ctx.forward(on_batch=hook.new_batch)
+        hook.stats.all_reduce()
         found[ctx.index] = hook.stats
         if on_layer is not None:
             on_layer(ctx, view, hook)
