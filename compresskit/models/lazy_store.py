@@ -14,8 +14,10 @@ Design (the contract of ``models.placement.onload`` for a model whose blocks sta
 * **Release** (leaving ``onload``, also after an exception): every real tensor under the module
   goes back to ``meta``. A tensor is released to its *original* reference only when it is
   provably unchanged: the very object that was materialised, same ``_version``, same dtype and
-  shape and bit-identical to a fresh read of its source (a re-read, because pruners write
-  through ``weight.data``, which bumps no version counter). Anything else — an in-place edit, a
+  shape and bit-identical to the pristine read it was copied from (kept by the session until
+  release: a version check alone is not enough, because pruners write through ``weight.data``,
+  which bumps no version counter; keeping the read instead of reading the source again halves
+  the disk reads and conversions of a block, with the same peak memory as the re-read had). Anything else — an in-place edit, a
   replaced submodule's new tensors, tensors of a module built in memory — is *spilled*: written
   to a safetensors file in a private temporary directory and re-pointed there. So a change is
   never silently reloaded from the original, and host memory holds about one block at a time.
@@ -159,7 +161,8 @@ def _meta_like(tensor: torch.Tensor, ref: LazyRef, parameter: bool, requires_gra
 class Session:
     """What one ``materialise`` did, so ``release`` can undo it."""
 
-    loaded: dict[int, tuple[OriginalSource | SpillSource, int, torch.Tensor]] = field(default_factory=dict)
+    #: id(materialised tensor) -> (source, its _version then, the tensor, the pristine read it was copied from)
+    loaded: dict[int, tuple[OriginalSource | SpillSource, int, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     moved: dict[int, torch.device] = field(default_factory=dict)  # id(tensor) -> home device
 
 
@@ -238,10 +241,11 @@ class LazyStore:
             if ref is not None and ref.store is self:
                 # Always a private copy: safetensors hands out tensors backed by its (copy-on-write)
                 # file mapping, and an edit there would show through every later read of the source.
-                value = self.read(ref.source, cache).to(device, copy=True)
+                raw = self.read(ref.source, cache)
+                value = raw.to(device, copy=True)
                 if kind == "_parameters":
                     value = nn.Parameter(value, requires_grad=tensor.requires_grad)
-                session.loaded[id(value)] = (ref.source, value._version, value)
+                session.loaded[id(value)] = (ref.source, value._version, value, raw)
                 new = value
             elif tensor.is_meta:
                 new = tensor  # a meta tensor nobody can read (not ours): leave it
@@ -261,7 +265,6 @@ class LazyStore:
     @torch.no_grad()
     def release(self, module: nn.Module, session: Session) -> None:
         done: dict[int, torch.Tensor] = {}
-        pristine: dict = {}
         to_spill: list[tuple[nn.Module, str, str, torch.Tensor, OriginalSource | SpillSource | None]] = []
         for owner, kind, name, tensor in tensor_slots(module):
             if id(tensor) in done:
@@ -280,25 +283,24 @@ class LazyStore:
                 getattr(owner, kind)[name] = new
                 continue
             entry = session.loaded.get(id(tensor))
-            if entry is not None and entry[2] is tensor and self._unchanged(tensor, entry, pristine):
+            if entry is not None and entry[2] is tensor and self._unchanged(tensor, entry):
                 new = _meta_like(tensor, self.ref(entry[0]), kind == "_parameters", tensor.requires_grad)
                 done[id(tensor)] = new
                 getattr(owner, kind)[name] = new
                 continue
             to_spill.append((owner, kind, name, tensor, entry[0] if entry is not None else None))
-        pristine.clear()
         if to_spill:
             self._spill(to_spill, done)
         # The sources the released tensors were materialised from are no longer referenced by them.
-        for source, _, _ in session.loaded.values():
+        for source, *_ in session.loaded.values():
             self._drop(source)
         session.loaded.clear()
 
-    def _unchanged(self, tensor: torch.Tensor, entry, pristine: dict) -> bool:
-        source, version, _ = entry
+    @staticmethod
+    def _unchanged(tensor: torch.Tensor, entry) -> bool:
+        _, version, _, original = entry
         if tensor._version != version:
             return False
-        original = self.read(source, pristine)
         if original.dtype != tensor.dtype or original.shape != tensor.shape:
             return False
         return bool(torch.equal(original.to(tensor.device), tensor))
