@@ -17,8 +17,9 @@ Design (the contract of ``models.placement.onload`` for a model whose blocks sta
   shape and bit-identical to the pristine read it was copied from (kept by the session until
   release: a version check alone is not enough, because pruners write through ``weight.data``,
   which bumps no version counter; keeping the read instead of reading the source again halves
-  the disk reads and conversions of a block, with the same peak memory as the re-read had). Anything else — an in-place edit, a
-  replaced submodule's new tensors, tensors of a module built in memory — is *spilled*: written
+  the disk reads and conversions of a block; the peak is still two copies of one block, now
+  held while the block is in use rather than only while it is released). Anything else — an
+  in-place edit, a replaced submodule's new tensors, tensors of a module built in memory — is *spilled*: written
   to a safetensors file in a private temporary directory and re-pointed there. So a change is
   never silently reloaded from the original, and host memory holds about one block at a time.
   Tensors that were real before the context (moved, not materialised) return to their home
