@@ -181,3 +181,49 @@ def test_analyze_experts_reports_usage_and_plots(cli, tiny_model_dir, sotu_jsonl
     assert sum(stats["count"]) == 2 * 16 * 2 and len(stats["avg_w"]) == 4 and len(stats["saliency"]) == 4
     assert report["per_block"]["unused_experts"][0] is None
     assert plot.is_file() and plot.stat().st_size > 1000
+
+
+def test_layer_search_with_refreshed_inputs_equals_replaying_every_trial_from_its_first_block():
+    """greedy_layers refreshes the cached block inputs after each choice and replays a candidate from
+    its own block; the orders and distances must equal the plain definition (every trial replayed
+    from its first condensed block), bit for bit."""
+    from compresskit.engine.replay import BlockReplay
+    from compresskit.moe.search import batched_distance, greedy_layers
+
+    config = tiny_model("qwen2_moe").config
+    config.num_hidden_layers = 5
+    config.layer_types = ["full_attention"] * 5
+    config.mlp_only_layers = []
+    torch.manual_seed(0)
+    model = type(tiny_model("qwen2_moe"))(config).eval()
+    adapter = get_adapter(model)
+    blocks = [i for i in range(adapter.num_blocks) if adapter.is_moe(i)]
+    assert len(blocks) == 5
+    condensed = {}
+    for i in blocks:
+        view = adapter.moe(i)
+        condensed[i] = build_condensed(view, [i % view.num_experts], [0.7] * view.num_experts, device="cpu")
+    paths = {i: adapter.mlp_path(i) for i in blocks}
+    ids = torch.randint(1, 8000, (4, 16))
+
+    def plain(replay, budget):
+        refs = replay.head(replay.block_inputs[-1], logits=False)
+        masks = [replay.token_mask(b) for b in range(replay.num_batches)]
+        chosen, dists = [], []
+        for _ in range(budget):
+            scored = []
+            for cand in sorted(condensed):
+                if cand in chosen:
+                    continue
+                trial = [*chosen, cand]
+                hidden = replay.run_from(min(trial), {paths[i]: condensed[i] for i in trial})
+                scored.append((batched_distance("js", refs, replay.head(hidden, logits=False), masks), cand))
+            d, c = min(scored)
+            chosen.append(c)
+            dists.append(d)
+        return chosen, dists
+
+    expected = plain(BlockReplay(adapter, ids, batch_size=2).capture(), 4)
+    got = greedy_layers(BlockReplay(adapter, ids, batch_size=2).capture(), paths, condensed, 4)
+    assert got == expected
+    assert len(set(got[0])) == 4

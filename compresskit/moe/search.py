@@ -13,7 +13,10 @@ forward. The order is greedy, so a smaller budget is a prefix.
 
 **Layers** (each condensed with its expert prefix): greedy over the MoE layers, adding the layer
 that minimises D on the final hidden state after the final norm, replayed by
-``engine.replay.BlockReplay.run_from(first changed block, swaps)``.
+``engine.replay.BlockReplay.run_from(candidate block, swaps)``: after each choice the cached block
+inputs from the chosen block on are recomputed with the chosen layers condensed (as FinerCut's
+``OutputScorer.refresh`` does), so a candidate costs the blocks from its own on, not from the
+first chosen layer on; the distances are the same as replaying every trial from its first block.
 """
 
 from __future__ import annotations
@@ -109,19 +112,25 @@ def greedy_layers(replay, mlp_paths: dict[int, str], condensed: dict[int, nn.Mod
     masks = [replay.token_mask(b) for b in range(replay.num_batches)]
     chosen: list[int] = []
     dists: list[float] = []
+    num_blocks = replay.adapter.num_blocks
     for step in range(min(budget, len(condensed))):
         best: tuple[float, int] | None = None
         for cand in sorted(condensed):
             if cand in chosen:
                 continue
-            trial = [*chosen, cand]
-            swaps = {mlp_paths[i]: condensed[i] for i in trial}
-            hidden = replay.run_from(min(trial), swaps)
+            swaps = {mlp_paths[i]: condensed[i] for i in [*chosen, cand]}
+            # replay.block_inputs already hold the chosen layers' effect (refreshed below), so a
+            # candidate replays from its own block, not from the first chosen one
+            hidden = replay.run_from(cand, swaps)
             d = batched_distance(distance, refs, replay.head(hidden, logits=False), masks)
             if best is None or d < best[0]:
                 best = (d, cand)
         chosen.append(best[1])
         dists.append(best[0])
+        if len(chosen) < min(budget, len(condensed)):  # refresh the cached inputs after the new layer
+            swaps = {mlp_paths[i]: condensed[i] for i in chosen}
+            for i in range(best[1], num_blocks):
+                replay.block_inputs[i + 1] = replay.run_from(i, swaps, stop=i + 1)
         if progress is not None:
             progress(step + 1, budget, f"layer {best[1]} (D={best[0]:.3g})")
     return chosen, dists
