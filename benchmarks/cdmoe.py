@@ -4,7 +4,8 @@ For each fixture (``../shared/models/{deepseek-v2-moe-25m,qwen2-moe-26m}``): one
 (expert orders up to max(--ks), layer order up to max(--layers)) on the calibration text, then
 every grid point is cut from those orders (``--from-order``, no new search):
 
-* CD-MoE E(S+k) for k in --ks at every L in --layers (Qwen: ``--shared-gate exact``, the default);
+* CD-MoE E(S+k) for k in --ks at every L in --layers (Qwen: ``--shared-gate exact``, the default, and
+  ``--shared-gate constant``, the calibration-mean approximation, cut from the same orders);
 * REAP at the same parameter budget: round(P / (MoE layers × expert params)) experts removed per
   layer (P = parameters CD-MoE removed; capped at E − top_k);
 * dropping the MLP of whole MoE layers (a zero-output stub; the first layers of the greedy layer
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -82,10 +84,24 @@ class ZeroMLP(nn.Module):
         return torch.zeros_like(x)
 
 
-def row(name, model, tok, ids, args, dense_params, prompt=None):
+def saved(path: str, method: str, tmp: str, **kwargs):
+    """Prune, save through compresskit's checkpoint writer, reload with compresskit.load: the figures
+    are those of the checkpoint a user gets (bytes of its safetensors, ppl of the reloaded model)."""
+    out = Path(tempfile.mkdtemp(dir=tmp)) / "ckpt"
+    result = api.prune(path, method, device="cpu", out=out, **kwargs)
+    form = result.manifest.method_details.get("form")
+    del result
+    model = api.load(out)
+    model.eval()
+    return model, out, form
+
+
+def row(name, model, tok, ids, args, dense_params, prompt=None, ckpt: Path | None = None):
     params = count_parameters(model)
+    nbytes = (sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) if ckpt is not None
+              else disk_bytes(model, tok))
     r = {"config": name, "params": params, "params_removed": dense_params - params,
-         "bytes_on_disk": disk_bytes(model, tok), "ppl": perplexity(model, ids, args.val_windows)}
+         "bytes_on_disk": nbytes, "ppl": perplexity(model, ids, args.val_windows)}
     if prompt is not None:
         r["decode_tok_s"] = decode_tps(model, prompt, args.new_tokens)
     print(f"  {name:<28} params {params:>10,}  removed {r['params_removed']:>9,}  disk {r['bytes_on_disk']:>10,}  "
@@ -122,30 +138,48 @@ def run_fixture(key: str, args) -> dict:
         del search
         print(f"  greedy search: {search_s:.1f} s (experts {orders['timings']['expert_search_s']:.1f} s, "
               f"layers {orders['timings']['layer_search_s']:.1f} s); layer order {orders['layer_order']}", flush=True)
+        reap_rows, drop_rows = {}, {}
+        gates = ["exact", "constant"] if key == "qwen" else ["exact"]
         for k in args.ks:
             for L in args.layers:
-                out = api.prune(path, "cdmoe", device="cpu", method_options={
-                    "experts": k, "layers": L, "from_order": str(orders_path)})
-                last = k == max(args.ks) and L == max(args.layers)
-                r = row(f"CD-MoE E(S+{k}) L={L}", out.model, tok, ids, args, dense_params, prompt if last else None)
-                r.update(method="cdmoe", k=k, L=L, form=out.manifest.method_details["form"])
-                rows.append(r)
-                budget = r["params_removed"]
+                for gate in gates:
+                    cm, ckpt, form = saved(path, "cdmoe", tmp, method_options={
+                        "experts": k, "layers": L, "from_order": str(orders_path), "shared_gate": gate})
+                    last = k == max(args.ks) and L == max(args.layers)
+                    label = f"CD-MoE E(S+{k}) L={L}" + (" const-gate" if gate == "constant" else "")
+                    r = row(label, cm, tok, ids, args, dense_params, prompt if last else None, ckpt=ckpt)
+                    r.update(method="cdmoe", k=k, L=L, shared_gate=gate, form=form)
+                    rows.append(r)
+                    del cm
+                    if gate == "exact":
+                        budget = r["params_removed"]
+                budget_rows = []
                 n = min(num_experts - top_k, max(1, round(budget / (len(moe) * expert_params))))
-                reap = api.prune(path, "reap", calib=calib, nsamples=args.nsamples, seqlen=args.seqlen, device="cpu",
-                                 method_options={"remove_experts": n / num_experts})
-                rr = row(f"  REAP -{n}/{num_experts} experts", reap.model, tok, ids, args, dense_params)
-                rr.update(method="reap", k=k, L=L, experts_removed_per_layer=n)
-                rows.append(rr)
+                if n not in reap_rows:
+                    rm, ckpt, _ = saved(path, "reap", tmp, calib=calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                                        method_options={"remove_experts": n / num_experts})
+                    reap_rows[n] = row(f"  REAP -{n}/{num_experts} experts", rm, tok, ids, args, dense_params,
+                                       ckpt=ckpt)
+                    del rm
+                else:
+                    print(f"  REAP -{n}/{num_experts} experts: same as above", flush=True)
+                budget_rows.append(dict(reap_rows[n], method="reap", experts_removed_per_layer=n))
                 m = min(len(moe), max(1, round(budget / moe_params)))
-                dropped, _ = load_model(path, device="cpu")
-                dropped.eval()
-                da = get_adapter(dropped)
-                for i in orders["layer_order"][:m] + [b for b in moe if b not in orders["layer_order"]][:max(0, m - len(orders["layer_order"]))]:
-                    da.block(i).mlp = ZeroMLP()
-                rd = row(f"  drop {m} MoE MLP(s)", dropped, tok, ids, args, dense_params)
-                rd.update(method="drop_layers", k=k, L=L, layers_dropped=m)
-                rows.append(rd)
+                if m not in drop_rows:
+                    dropped, _ = load_model(path, device="cpu")
+                    dropped.eval()
+                    da = get_adapter(dropped)
+                    order = orders["layer_order"] + [b for b in moe if b not in orders["layer_order"]]
+                    for i in order[:m]:
+                        da.block(i).mlp = ZeroMLP()
+                    drop_rows[m] = row(f"  drop {m} MoE MLP(s)", dropped, tok, ids, args, dense_params)
+                    del dropped, da
+                else:
+                    print(f"  drop {m} MoE MLP(s): same as above", flush=True)
+                budget_rows.append(dict(drop_rows[m], method="drop_layers", layers_dropped=m))
+                for b in budget_rows:
+                    b.update(k=k, L=L, budget_of=f"CD-MoE E(S+{k}) L={L}")
+                rows.extend(budget_rows)
     return {"model": FIXTURES[key], "search_s": search_s, "layer_order": orders["layer_order"],
             "expert_order": orders["expert_order"], "rows": rows}
 
@@ -169,9 +203,12 @@ def main(argv=None):
         lines = (shared_data_dir() / "corpora" / "sotu.jsonl").read_text().splitlines()
         args.calib = str(Path(tempfile.mkdtemp()) / "sotu_train.jsonl")
         Path(args.calib).write_text("\n".join([line for line in lines if line][:-10]) + "\n")
-    results = {"settings": vars(args), "fixtures": [run_fixture(k, args) for k in args.models]}
+    results = {"settings": vars(args), "load_average_start": list(os.getloadavg()), "fixtures": []}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    for k in args.models:  # written after every fixture, so a long run keeps what it finished
+        results["fixtures"].append(run_fixture(k, args))
+        results["load_average_end"] = list(os.getloadavg())
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 
