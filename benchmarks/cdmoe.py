@@ -127,15 +127,23 @@ def run_fixture(key: str, args) -> dict:
     num_experts, top_k = view.num_experts, view.top_k
     del model, adapter, view
 
-    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         orders_path = Path(tmp) / "orders.json"
-        search = api.prune(path, "cdmoe", calib=calib, nsamples=args.nsamples, seqlen=args.seqlen, device="cpu",
-                           method_options={"experts": max(args.ks), "layers": max(args.layers)})
-        search_s = time.perf_counter() - t0
-        orders = search.manifest.method_details["orders"]
+        if key in args.orders:  # an earlier run's search (its own timings are reported)
+            orders = json.loads(Path(args.orders[key]).read_text())
+            search_s = orders["timings"]["expert_search_s"] + orders["timings"]["layer_search_s"]
+            print(f"  orders from {args.orders[key]} (searched earlier)", flush=True)
+        else:
+            t0 = time.perf_counter()
+            search = api.prune(path, "cdmoe", calib=calib, nsamples=args.nsamples, seqlen=args.seqlen, device="cpu",
+                               method_options={"experts": max(args.ks), "layers": max(args.layers)})
+            search_s = time.perf_counter() - t0
+            orders = search.manifest.method_details["orders"]
+            del search
         orders_path.write_text(json.dumps(orders))
-        del search
+        if args.keep_orders:
+            Path(args.keep_orders).mkdir(parents=True, exist_ok=True)
+            (Path(args.keep_orders) / f"{key}.json").write_text(json.dumps(orders))
         print(f"  greedy search: {search_s:.1f} s (experts {orders['timings']['expert_search_s']:.1f} s, "
               f"layers {orders['timings']['layer_search_s']:.1f} s); layer order {orders['layer_order']}", flush=True)
         reap_rows, drop_rows = {}, {}
@@ -197,7 +205,11 @@ def main(argv=None):
     ap.add_argument("--val-windows", type=int, default=64, help="train.py evaluates 64 windows of 512.")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--out", default=str(HERE / "results" / "cdmoe.json"))
+    ap.add_argument("--orders", nargs="*", default=[], metavar="FIXTURE=JSON",
+                    help="Reuse an earlier search's orders (written by --keep-orders) instead of searching again.")
+    ap.add_argument("--keep-orders", default=None, metavar="DIR", help="Write each fixture's orders JSON here.")
     args = ap.parse_args(argv)
+    args.orders = dict(item.split("=", 1) for item in args.orders)
     torch.manual_seed(0)
     if args.calib is None:
         lines = (shared_data_dir() / "corpora" / "sotu.jsonl").read_text().splitlines()
