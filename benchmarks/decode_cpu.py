@@ -81,7 +81,7 @@ def _variants(name: str, args, tmp: str) -> dict:
             out = Path(tmp) / f"{name}-{method}"
             api.prune(_path(name), method, calib=calib, nsamples=4, seqlen=64, device="cpu", out=out,
                       method_options=options)
-            variants[label] = api.load(out).eval()
+            variants[label] = api.load(out, dtype=torch.float32).eval()  # the dense rows are float32 too
     return variants
 
 
