@@ -206,7 +206,7 @@ def main():
         print(rec["model"], "order:", " ".join(f"{t}{b}" for t, b in rec["sublayer_search"]["order"]),
               "| blocks:", rec["block_search"]["order"], "| step timing:", rec.get("step_timing"),
               "| decode tok/s dense", round(rec["dense"]["decode_tok_s"], 1), "25%",
-              round(next(r for r in rec["rows"] if abs(r["ratio"] - 0.25) < 1e-9).get("decode_tok_s", 0), 1))
+              round(next((r for r in rec["rows"] if abs(r["ratio"] - 0.25) < 1e-9), {}).get("decode_tok_s", 0), 1))
 
 
 if __name__ == "__main__":
