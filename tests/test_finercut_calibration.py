@@ -190,6 +190,10 @@ def test_cli_records_the_resolved_format(cli, tiny_model_dir, tmp_path, extra, r
     if resolved == "prefix":
         words = tokenize(calib.read_text())[:32]
         assert recorded["hash"] == samples_hash(torch.tensor(words).view(2, 16))
+    text = " ".join(cli("inspect", out).stdout.split())  # the console wraps long lines
+    shown = text[text.index("calibration:"):text.index("(hash")]
+    assert f" {resolved} 2×16" in shown
+    assert ("seed" in shown) == (resolved == "window"), shown  # prefix takes no seed: none is shown
 
 
 def test_cli_help_names_the_prefix_format(cli):
