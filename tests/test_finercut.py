@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 from safetensors import safe_open
-from tiny_models import _BASE, TINY_FAMILIES, tiny_model, tiny_tokenizer
+from tiny_models import _BASE, TINY_FAMILIES, assert_cache_equals_no_cache, tiny_model, tiny_tokenizer
 
 import compresskit
 from compresskit.depth.blocks import check_config_rebuilds, delete_blocks
@@ -91,19 +91,8 @@ def test_generate_with_cache_equals_without_after_attention_removal(family, bloc
     # A padded batch and eager attention make the mask depend on the cache's length: a removed
     # attention that left its cache slot as an empty full-attention layer gives wrong masks here.
     model = tiny_model(family)
-    model.config._attn_implementation = "eager"
     remove_sublayer(get_adapter(model), block, "attn")
-    x = ids(2, 6, seed=3)
-    mask = torch.ones_like(x)
-    mask[1, :2] = 0
-    x[1, :2] = 0
-    kw = dict(max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True,
-              pad_token_id=0, eos_token_id=None, attention_mask=mask)
-    with torch.no_grad():
-        cached = model.generate(x, use_cache=True, **kw)
-        plain = model.generate(x, use_cache=False, **kw)
-    assert torch.equal(cached.sequences, plain.sequences)
-    torch.testing.assert_close(torch.stack(cached.scores), torch.stack(plain.scores), rtol=1e-4, atol=1e-4)
+    assert_cache_equals_no_cache(model, "eager")
 
 
 def test_sublayer_removal_saves_and_loads_identically(tmp_path):

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import transformers
-from tiny_models import _BASE, tiny_model, tiny_tokenizer
+from tiny_models import _BASE, assert_cache_equals_no_cache, tiny_model, tiny_tokenizer
 
 import compresskit
 from compresskit.depth.removal import RemovedAttention, remove_sublayer
@@ -18,26 +18,6 @@ from compresskit.models import get_adapter
 TEXT = ("The quick brown fox jumps over the lazy dog. Four score and seven years ago our fathers brought forth on "
         "this continent a new nation, conceived in liberty. ") * 40
 LAYERS = 4
-
-
-def padded_batch():
-    x = torch.randint(1, 8000, (2, 6), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(x)
-    mask[1, :2] = 0
-    x[1, :2] = 0
-    return x, mask
-
-
-def assert_cache_equals_no_cache(model, attn_impl: str) -> None:
-    model.config._attn_implementation = attn_impl
-    x, mask = padded_batch()
-    kw = dict(max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True,
-              pad_token_id=0, eos_token_id=None, attention_mask=mask)
-    with torch.no_grad():
-        cached = model.generate(x, use_cache=True, **kw)
-        plain = model.generate(x, use_cache=False, **kw)
-    assert torch.equal(cached.sequences, plain.sequences)
-    torch.testing.assert_close(torch.stack(cached.scores), torch.stack(plain.scores), rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -242,3 +242,22 @@ def tiny_tokenizer() -> PreTrainedTokenizerBase:
     configs. Cached: callers must not mutate it (set padding side per call instead).
     """
     return _load_tiny_tokenizer()
+
+
+def assert_cache_equals_no_cache(model: PreTrainedModel, attn_impl: str | None = None) -> None:
+    """Greedy ``generate()`` with KV cache equals it without, on a left-padded batch of two: with a
+    padded batch the attention mask depends on the cache's length, so a removed attention that left
+    its cache slot wrong gives different tokens or scores here."""
+    if attn_impl is not None:
+        model.config._attn_implementation = attn_impl
+    x = torch.randint(1, 8000, (2, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(x)
+    mask[1, :2] = 0
+    x[1, :2] = 0
+    kw = dict(max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True,
+              pad_token_id=0, eos_token_id=None, attention_mask=mask)
+    with torch.no_grad():
+        cached = model.generate(x, use_cache=True, **kw)
+        plain = model.generate(x, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, plain.sequences)
+    torch.testing.assert_close(torch.stack(cached.scores), torch.stack(plain.scores), rtol=1e-4, atol=1e-4)
