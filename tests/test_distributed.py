@@ -72,15 +72,21 @@ def test_single_process_helpers_are_identities():
 
 
 # --------------------------------------------------------------------------- 2 ranks vs 1
+def torchrun_two_ranks(worker: str, *args) -> Path:
+    """Run tests/<worker> under ``torchrun --standalone --nproc-per-node 2`` (gloo, one thread per
+    rank); the worker writes its results into the last argument, which is returned."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(TESTS))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(TESTS / worker), *map(str, args)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return Path(args[-1])
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tiny_model_dir, sotu_jsonl, tmp_path_factory):
     llama, moe = tiny_model_dir("llama"), tiny_model_dir("qwen2_moe")
-    out = tmp_path_factory.mktemp("dp2")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(TESTS))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(TESTS / "distributed_worker.py"), str(llama), str(moe), f"file:{sotu_jsonl}", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = torchrun_two_ranks("distributed_worker.py", llama, moe, f"file:{sotu_jsonl}", tmp_path_factory.mktemp("dp2"))
     return llama, moe, sotu_jsonl, out
 
 
@@ -165,12 +171,8 @@ def test_python_m_compresskit_runs_the_cli(monkeypatch, capsys):
 @pytest.fixture(scope="module")
 def two_ranks_structural(tiny_model_dir, sotu_jsonl, tmp_path_factory):
     llama, moe = tiny_model_dir("llama"), tiny_model_dir("qwen2_moe")
-    out = tmp_path_factory.mktemp("dp2-structural")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(TESTS))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(TESTS / "distributed_structural_worker.py"), str(llama), str(moe), f"file:{sotu_jsonl}", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = torchrun_two_ranks("distributed_structural_worker.py", llama, moe, f"file:{sotu_jsonl}",
+                             tmp_path_factory.mktemp("dp2-structural"))
     ranks = [json.loads((out / f"structural_rank{r}.json").read_text()) for r in range(2)]
     return llama, moe, sotu_jsonl, ranks
 
