@@ -17,6 +17,13 @@ Union addresses + last 5 % of Moby Dick + last 300 GSM8K train items), texts joi
 the first --val-windows windows. Parameters count tensors once; bytes on disk are the saved
 safetensors files. Decode tokens/s: greedy generation with KV cache, batch 1, on CPU.
 
+``--ft-steps N --ft-configs 0:4,4:6`` adds, for those (k, L) points, the CD-MoE checkpoint fine-tuned
+with ``compresskit finetune`` (only the condensed experts trainable, as the reference's step 3) on the
+fixtures' *training-side* texts: the SOTU addresses except the last 10, the first 95 % of Moby Dick,
+the GSM8K train items except the last 300 (never the validation text). REAP and the dropped layers are
+not fine-tuned (``finetune`` trains only condensed experts or low-rank factors), as in the paper's
+comparison with pruning baselines.
+
     python benchmarks/cdmoe.py                                   # full grid
     python benchmarks/cdmoe.py --models deepseek --ks 0 2 --layers 2 6 --nsamples 4 --seqlen 128
 """
@@ -96,6 +103,37 @@ def saved(path: str, method: str, tmp: str, **kwargs):
     return model, out, form
 
 
+def training_side_files(tmp: str) -> tuple[str, ...]:
+    """The complement of validation_text(): what the fixtures were trained on, minus the held-out part."""
+    data = shared_data_dir()
+    sotu = [line for line in (data / "corpora" / "sotu.jsonl").read_text().splitlines() if line]
+    moby = (data / "corpora" / "moby_dick.txt").read_text()
+    gsm = [json.loads(line) for line in (data / "gsm8k" / "train.jsonl").read_text().splitlines() if line]
+    files = {"sotu_train.jsonl": "\n".join(sotu[:-10]) + "\n",
+             "moby_train.txt": moby[:int(len(moby) * 0.95)],
+             "gsm8k_train.jsonl": "\n".join(json.dumps({"text": f"{g['question']}\n{g['answer']}"}) for g in gsm[:-300]) + "\n"}
+    for name, text in files.items():
+        (Path(tmp) / name).write_text(text)
+    return tuple(f"file:{Path(tmp) / name}" for name in files)
+
+
+def finetuned(ckpt: Path, tmp: str, args):
+    from compresskit.finetune import FinetuneSettings, finetune
+
+    settings = FinetuneSettings(data=training_side_files(tmp), steps=args.ft_steps, lr=args.ft_lr,
+                                batch_size=args.ft_batch, seqlen=args.ft_seqlen, save_every=args.ft_steps)
+    out = Path(tempfile.mkdtemp(dir=tmp)) / "ft"
+    outcome = finetune(ckpt, out, settings, device="cpu")
+    d = outcome.manifest.method_details
+    info = {"ft_steps": args.ft_steps, "ft_lr": args.ft_lr, "ft_batch": args.ft_batch, "ft_seqlen": args.ft_seqlen,
+            "trainable_params": d.get("trainable_params"), "seconds_per_step": d.get("seconds_per_step"),
+            "first_loss": outcome.losses[0], "last_loss": outcome.losses[-1]}
+    del outcome
+    model = api.load(out)
+    model.eval()
+    return model, out, info
+
+
 def row(name, model, tok, ids, args, dense_params, prompt=None, ckpt: Path | None = None):
     params = count_parameters(model)
     nbytes = (sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) if ckpt is not None
@@ -161,6 +199,12 @@ def run_fixture(key: str, args) -> dict:
                     del cm
                     if gate == "exact":
                         budget = r["params_removed"]
+                        if args.ft_steps and (k, L) in args.ft_configs:
+                            fm, fckpt, info = finetuned(ckpt, tmp, args)
+                            fr = row(f"{label} + FT {args.ft_steps} steps", fm, tok, ids, args, dense_params, ckpt=fckpt)
+                            fr.update(method="cdmoe+finetune", k=k, L=L, shared_gate=gate, form=form, **info)
+                            rows.append(fr)
+                            del fm
                 budget_rows = []
                 n = min(num_experts - top_k, max(1, round(budget / (len(moe) * expert_params))))
                 if n not in reap_rows:
@@ -208,14 +252,20 @@ def main(argv=None):
     ap.add_argument("--orders", nargs="*", default=[], metavar="FIXTURE=JSON",
                     help="Reuse an earlier search's orders (written by --keep-orders) instead of searching again.")
     ap.add_argument("--keep-orders", default=None, metavar="DIR", help="Write each fixture's orders JSON here.")
+    ap.add_argument("--ft-steps", type=int, default=0, help="Fine-tune these (k, L) points for N steps (0: none).")
+    ap.add_argument("--ft-configs", default="0:4,4:6", help="k:L points to fine-tune, comma-separated.")
+    ap.add_argument("--ft-lr", type=float, default=5e-5)
+    ap.add_argument("--ft-batch", type=int, default=8, help="The reference's batch.")
+    ap.add_argument("--ft-seqlen", type=int, default=256, help="The reference's max_length.")
     args = ap.parse_args(argv)
+    args.ft_configs = {tuple(int(x) for x in c.split(":")) for c in args.ft_configs.split(",") if c}
     args.orders = dict(item.split("=", 1) for item in args.orders)
     torch.manual_seed(0)
     if args.calib is None:
         lines = (shared_data_dir() / "corpora" / "sotu.jsonl").read_text().splitlines()
         args.calib = str(Path(tempfile.mkdtemp()) / "sotu_train.jsonl")
         Path(args.calib).write_text("\n".join([line for line in lines if line][:-10]) + "\n")
-    results = {"settings": vars(args), "load_average_start": list(os.getloadavg()), "fixtures": []}
+    results = {"settings": {**vars(args), "ft_configs": sorted(args.ft_configs)}, "load_average_start": list(os.getloadavg()), "fixtures": []}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for k in args.models:  # written after every fixture, so a long run keeps what it finished
         results["fixtures"].append(run_fixture(k, args))
