@@ -11,7 +11,7 @@ For SmolLM2-135M and the two shared MoE fixtures (deepseek-v2-moe-25m, qwen2-moe
 * held-out perplexity (SmolLM2: local WikiText-2 test, the perplexity module's protocol; MoE
   fixtures: their README's validation text — last 10 State of the Union addresses, last 5% of
   Moby Dick, last 300 GSM8K train items — tokenized with their own tokenizer) and local PIQA
-  accuracy (tasks/piqa_local.yaml, first ``--piqa-limit`` items);
+  accuracy (compresskit/evaluation/tasks/piqa_local.yaml, first ``--piqa-limit`` items);
 * time per greedy step with and without the prefix cache (one step each), decode tokens/s of the
   dense and the 25% model on CPU (``evaluation.efficiency.measure_throughput``).
 
@@ -34,6 +34,7 @@ from compresskit.depth.blocks import delete_blocks
 from compresskit.depth.removal import remove_sublayer
 from compresskit.evaluation.efficiency import measure_throughput
 from compresskit.evaluation.perplexity import perplexity, windowed_perplexity
+from compresskit.evaluation.task_sets import tasks_dir
 from compresskit.models import get_adapter, load_model
 from compresskit.paths import shared_data_dir, shared_models_dir
 
@@ -66,7 +67,7 @@ def piqa(model, tok, limit: int) -> float | None:
         return None
     from compresskit.evaluate import evaluate
 
-    result = evaluate(model, tokenizer=tok, tasks="piqa_local", task_files=[ROOT / "tasks" / "piqa_local.yaml"],
+    result = evaluate(model, tokenizer=tok, tasks="piqa_local", task_files=[tasks_dir() / "piqa_local.yaml"],
                       limit=limit, batch_size=8, device="cpu")
     task = next(iter(result.tasks.values()))
     return task.metric_value("acc")

@@ -167,7 +167,7 @@ def evaluate(
 
     ``tasks``: lm-eval task names, named sets (``zeroshot7``, ``cdmoe8``, ``finercut9``) or task
     YAML paths; ``task_files``: local task YAMLs / folders to index (offline tasks such as
-    ``tasks/piqa_local.yaml``). ``ppl``: ``wikitext2`` / ``c4`` (list or comma-separated);
+    ``compresskit/evaluation/tasks/piqa_local.yaml``, indexed by default). ``ppl``: ``wikitext2`` / ``c4`` (list or comma-separated);
     ``ppl_file``: local text / jsonl files. With nothing requested, WikiText-2 perplexity is
     computed. ``num_fewshot`` / ``limit`` / ``seed`` left as None take each set's protocol.
     ``efficiency``: parameters, nonzeros, weight bytes on disk, peak memory of loading +

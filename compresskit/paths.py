@@ -36,6 +36,7 @@ def cache_dir() -> Path:
 
 
 def calibration_defs_dir() -> Path:
-    """Declarative calibration sources / formats (YAML), shipped at the repository top level."""
+    """Declarative calibration sources / formats (YAML), package data of ``compresskit.calibration``
+    (so a wheel install has them too); ``COMPRESSKIT_CALIBRATION_DIR`` overrides."""
     env = os.environ.get("COMPRESSKIT_CALIBRATION_DIR")
-    return Path(env).expanduser() if env else REPO_ROOT / "calibration"
+    return Path(env).expanduser() if env else Path(__file__).resolve().parent / "calibration" / "definitions"

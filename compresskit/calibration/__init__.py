@@ -1,7 +1,7 @@
 """Calibration data: sources x formats x seeded sampler x on-disk cache.
 
 Sources and prompt frames are declared as YAML in the top-level ``calibration/`` folder
-(``compresskit.paths.calibration_defs_dir()``); see ``calibration/README.md`` there.
+(``compresskit.paths.calibration_defs_dir()``); see ``definitions/README.md`` there.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from compresskit.calibration.readers import read_file_records, read_hub_records
 from compresskit.calibration.registry import SourceDefinition, prompt_frames
 from compresskit.errors import CalibrationError
 
-#: The prompt frame each question-answer format renders (frames in calibration/formats.yaml).
+#: The prompt frame each question-answer format renders (frames in calibration/definitions/formats.yaml).
 FRAME_OF_FORMAT = {"icl": "qa", "single": "qa", "cot": "cot", "zero": "zero"}
 FIELDS_NEEDED = {"qa": ("question", "answer"), "cot": ("question", "rationale", "answer"), "zero": ("question",)}
 GSM8K_SEPARATOR = "####"

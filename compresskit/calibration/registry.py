@@ -1,10 +1,10 @@
-"""Calibration sources as data: YAML definitions under ``calibration/sources/`` + ``parse_source``.
+"""Calibration sources as data: YAML definitions under ``calibration/definitions/sources/`` + ``parse_source``.
 
 Adding a dataset is a YAML file (the lm-evaluation-harness idea of declarative tasks). A source
 file names the hub dataset (id, config, split, revision, data_files) and either the text column
 (``text_field``, pre-training text sampled in windows) or Jinja templates deriving
 ``question`` / ``answer`` / ``rationale`` from a record (question-answer sets). The prompt frames
-of the formats live in ``calibration/formats.yaml``; a source may override them (``templates``),
+of the formats live in ``calibration/definitions/formats.yaml``; a source may override them (``templates``),
 as the reference does for the NLI and multiple-choice sets.
 
 Two more kinds of registered source need no Hub: ``package_file`` names a file shipped inside the
@@ -186,7 +186,7 @@ def _registry(defs_dir: str) -> dict[str, tuple[str, Path]]:
 
 
 def available_sources() -> list[str]:
-    """Registered source names (one per YAML file in ``calibration/sources/``), sorted."""
+    """Registered source names (one per YAML file in ``definitions/sources/``), sorted."""
     return sorted({canonical for canonical, _ in _registry(str(calibration_defs_dir())).values()})
 
 

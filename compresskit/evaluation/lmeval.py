@@ -2,7 +2,7 @@
 
 The Wanda lineage patched lm-eval so ``simple_evaluate`` could score the pruned model without
 saving it (methods.md §1.5); lm-eval 0.4 does this natively: ``HFLM(pretrained=<nn.Module>)``.
-Task names may be lm-eval tasks, groups or tags, named sets from ``tasks/sets.yaml``
+Task names may be lm-eval tasks, groups or tags, named sets from ``compresskit/evaluation/tasks/sets.yaml``
 (``zeroshot7``, ``cdmoe8``, ``finercut9``) or local task YAMLs (``tasks/`` of the repository and
 ``task_files``), which is how offline machines evaluate (``piqa_local``).
 
@@ -39,7 +39,7 @@ from compresskit.evaluation.task_sets import (
 # it would settle on its maximum (64 sequences of full context). Use a fixed size there instead.
 CPU_AUTO_BATCH_SIZE = 8
 _LOAD_ERRORS = (KeyError, ValueError, TypeError, OSError, ImportError, AttributeError, yaml.YAMLError)
-_OFFLINE_HINT = "pass a local task YAML with --task-file (e.g. tasks/piqa_local.yaml, task piqa_local)"
+_OFFLINE_HINT = "pass a local task YAML with --task-file, or use a task shipped with compresskit (e.g. --tasks piqa_local)"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Named lm-eval task sets (``tasks/sets.yaml``) and the metric / mean rules that go with them.
+"""Named lm-eval task sets (``compresskit/evaluation/tasks/sets.yaml``) and the metric / mean rules that go with them.
 
 The papers disagree on which metric they average: the Wanda lineage (zeroshot7) reports ``acc``
 for every task, FinerCut reports ``acc_norm`` where a task has it and ``acc`` otherwise. A set
@@ -19,7 +19,6 @@ from pathlib import Path
 import yaml
 
 from compresskit.errors import EvaluationError
-from compresskit.paths import REPO_ROOT
 
 SETS_FILE = "sets.yaml"
 # For a task named outside any set: accuracy first (what the papers average), then the usual
@@ -36,9 +35,10 @@ LOWER_IS_BETTER_METRICS = frozenset({"perplexity", "word_perplexity", "byte_perp
 
 
 def tasks_dir() -> Path:
-    """Local lm-eval task YAMLs shipped with compresskit (``COMPRESSKIT_TASKS_DIR`` overrides)."""
+    """Local lm-eval task YAMLs shipped with compresskit as package data (``COMPRESSKIT_TASKS_DIR``
+    overrides)."""
     env = os.environ.get("COMPRESSKIT_TASKS_DIR")
-    return Path(env).expanduser() if env else REPO_ROOT / "tasks"
+    return Path(env).expanduser() if env else Path(__file__).resolve().parent / "tasks"
 
 
 @dataclass(frozen=True)
