@@ -147,7 +147,8 @@ def row(name, model, tok, ids, args, dense_params, prompt=None, ckpt: Path | Non
     return r
 
 
-def run_fixture(key: str, args) -> dict:
+def run_fixture(key: str, args, record: dict) -> dict:
+    """Fill ``record`` (rows appended in place; ``args.save()`` after each, so a run that dies keeps them)."""
     path = str(shared_models_dir() / FIXTURES[key])
     calib = f"file:{args.calib}"
     model, tok = load_model(path, device="cpu")
@@ -156,7 +157,10 @@ def run_fixture(key: str, args) -> dict:
     prompt = ids[:16].unsqueeze(0)
     dense_params = count_parameters(model)
     print(f"{key}: {FIXTURES[key]}  ({ids.numel()} validation tokens, {args.val_windows} windows of 512)", flush=True)
-    rows = [row("dense", model, tok, ids, args, dense_params, prompt)]
+    rows = record.setdefault("rows", [])
+    record["model"] = FIXTURES[key]
+    rows.append(row("dense", model, tok, ids, args, dense_params, prompt))
+    args.save()
     adapter = get_adapter(model)
     moe = [i for i in range(adapter.num_blocks) if adapter.is_moe(i)]
     view = adapter.moe(moe[0])
@@ -184,6 +188,7 @@ def run_fixture(key: str, args) -> dict:
             (Path(args.keep_orders) / f"{key}.json").write_text(json.dumps(orders))
         print(f"  greedy search: {search_s:.1f} s (experts {orders['timings']['expert_search_s']:.1f} s, "
               f"layers {orders['timings']['layer_search_s']:.1f} s); layer order {orders['layer_order']}", flush=True)
+        record.update(search_s=search_s, layer_order=orders["layer_order"], expert_order=orders["expert_order"])
         reap_rows, drop_rows = {}, {}
         gates = ["exact", "constant"] if key == "qwen" else ["exact"]
         for k in args.ks:
@@ -196,6 +201,7 @@ def run_fixture(key: str, args) -> dict:
                     r = row(label, cm, tok, ids, args, dense_params, prompt if last else None, ckpt=ckpt)
                     r.update(method="cdmoe", k=k, L=L, shared_gate=gate, form=form)
                     rows.append(r)
+                    args.save()
                     del cm
                     if gate == "exact":
                         budget = r["params_removed"]
@@ -204,6 +210,7 @@ def run_fixture(key: str, args) -> dict:
                             fr = row(f"{label} + FT {args.ft_steps} steps", fm, tok, ids, args, dense_params, ckpt=fckpt)
                             fr.update(method="cdmoe+finetune", k=k, L=L, shared_gate=gate, form=form, **info)
                             rows.append(fr)
+                            args.save()
                             del fm
                 budget_rows = []
                 n = min(num_experts - top_k, max(1, round(budget / (len(moe) * expert_params))))
@@ -232,8 +239,8 @@ def run_fixture(key: str, args) -> dict:
                 for b in budget_rows:
                     b.update(k=k, L=L, budget_of=f"CD-MoE E(S+{k}) L={L}")
                 rows.extend(budget_rows)
-    return {"model": FIXTURES[key], "search_s": search_s, "layer_order": orders["layer_order"],
-            "expert_order": orders["expert_order"], "rows": rows}
+                args.save()
+    return record
 
 
 def main(argv=None):
@@ -267,10 +274,17 @@ def main(argv=None):
         Path(args.calib).write_text("\n".join([line for line in lines if line][:-10]) + "\n")
     results = {"settings": {**vars(args), "ft_configs": sorted(args.ft_configs)}, "load_average_start": list(os.getloadavg()), "fixtures": []}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    for k in args.models:  # written after every fixture, so a long run keeps what it finished
-        results["fixtures"].append(run_fixture(k, args))
+
+    def save():  # after every row, so a long run keeps what it finished
         results["load_average_end"] = list(os.getloadavg())
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+    args.save = save
+    for k in args.models:
+        record: dict = {}
+        results["fixtures"].append(record)
+        run_fixture(k, args, record)
+        save()
     print(f"wrote {args.out}")
 
 
