@@ -134,6 +134,42 @@ def finetuned(ckpt: Path, tmp: str, args):
     return model, out, info
 
 
+def finetune_reap_in_memory(model, tok, tmp: str, args) -> dict:
+    """The control for the fine-tuned CD-MoE rows: the REAP model's routed and shared experts of every
+    MoE layer trainable (routers and everything else frozen), same data, steps, schedule and
+    precision as ``compresskit finetune`` (fp32 on CPU, saved back in the checkpoint's dtype)."""
+    from compresskit.finetune import FinetuneSettings, train_loop, training_windows
+
+    settings = FinetuneSettings(data=training_side_files(tmp), steps=args.ft_steps, lr=args.ft_lr,
+                                batch_size=args.ft_batch, seqlen=args.ft_seqlen, save_every=args.ft_steps)
+    dtype = next(model.parameters()).dtype
+    adapter = get_adapter(model)
+    params = []
+    for i in range(adapter.num_blocks):
+        if adapter.is_moe(i):
+            view = adapter.moe(i)
+            frozen = {id(p) for m in (view.router, view.shared_expert_gate) if m is not None for p in m.parameters()}
+            params += [p for p in view.module.parameters() if id(p) not in frozen]
+    model.float()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    model.config.use_cache = False
+    model.train()
+    ids, mask, _ = training_windows(settings, tok)
+    t0 = time.perf_counter()
+    _, losses = train_loop(model, params, ids, mask, settings, torch.device("cpu"))
+    seconds = time.perf_counter() - t0
+    model.eval().to(dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.config.use_cache = True
+    return {"ft_steps": args.ft_steps, "ft_lr": args.ft_lr, "ft_batch": args.ft_batch, "ft_seqlen": args.ft_seqlen,
+            "trainable_params": sum(p.numel() for p in params), "seconds_per_step": seconds / args.ft_steps,
+            "first_loss": losses[0], "last_loss": losses[-1]}
+
+
 def row(name, model, tok, ids, args, dense_params, prompt=None, ckpt: Path | None = None):
     params = count_parameters(model)
     nbytes = (sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) if ckpt is not None
@@ -205,7 +241,7 @@ def run_fixture(key: str, args, record: dict) -> dict:
                     del cm
                     if gate == "exact":
                         budget = r["params_removed"]
-                        if args.ft_steps and (k, L) in args.ft_configs:
+                        if args.ft_steps and (k, L) in args.ft_configs and "cdmoe" in args.ft_what:
                             fm, fckpt, info = finetuned(ckpt, tmp, args)
                             fr = row(f"{label} + FT {args.ft_steps} steps", fm, tok, ids, args, dense_params, ckpt=fckpt)
                             fr.update(method="cdmoe+finetune", k=k, L=L, shared_gate=gate, form=form, **info)
@@ -236,6 +272,14 @@ def run_fixture(key: str, args, record: dict) -> dict:
                 else:
                     print(f"  drop {m} MoE MLP(s): same as above", flush=True)
                 budget_rows.append(dict(drop_rows[m], method="drop_layers", layers_dropped=m))
+                if args.ft_steps and (k, L) in args.ft_configs and "reap" in args.ft_what:
+                    rm, ckpt, _ = saved(path, "reap", tmp, calib=calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                                        method_options={"remove_experts": n / num_experts})
+                    info = finetune_reap_in_memory(rm, tok, tmp, args)
+                    budget_rows.append(dict(row(f"  REAP -{n}/{num_experts} + FT {args.ft_steps} steps", rm, tok, ids, args,
+                                                dense_params, ckpt=ckpt), method="reap+finetune",
+                                            experts_removed_per_layer=n, **info))
+                    del rm
                 for b in budget_rows:
                     b.update(k=k, L=L, budget_of=f"CD-MoE E(S+{k}) L={L}")
                 rows.extend(budget_rows)
@@ -261,6 +305,8 @@ def main(argv=None):
     ap.add_argument("--keep-orders", default=None, metavar="DIR", help="Write each fixture's orders JSON here.")
     ap.add_argument("--ft-steps", type=int, default=0, help="Fine-tune these (k, L) points for N steps (0: none).")
     ap.add_argument("--ft-configs", default="0:4,4:6", help="k:L points to fine-tune, comma-separated.")
+    ap.add_argument("--ft-what", default="cdmoe", help="What to fine-tune at --ft-configs: cdmoe, reap or cdmoe,reap "
+                    "(REAP: its experts and shared experts in every MoE layer, in memory; the control for CD-MoE's).")
     ap.add_argument("--ft-lr", type=float, default=5e-5)
     ap.add_argument("--ft-batch", type=int, default=8, help="The reference's batch.")
     ap.add_argument("--ft-seqlen", type=int, default=256, help="The reference's max_length.")
