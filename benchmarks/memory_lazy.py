@@ -10,8 +10,8 @@ high-water mark, no sampling gaps, the wrapper's own memory not included).
     python benchmarks/memory_lazy.py [--blocks 4 8 12 16] [--hidden 1024] [--methods wanda sparsegpt]
 
 Prints a table and writes ``benchmarks/results/memory_lazy.json``. The lazy figure stays flat in
-depth (interpreter + embeddings/head + about two blocks: the block being worked on and the fresh
-read ``release`` compares it with), the in-memory one grows by the size of every added block.
+depth (interpreter + embeddings/head + about two blocks: the block being worked on and the
+pristine read kept since materialise, which ``release`` compares it with), the in-memory one grows by the size of every added block.
 Peak RSS does not depend on machine load; wall time does (the figures say how loaded it was).
 """
 
