@@ -117,11 +117,18 @@ def training_side_files(tmp: str) -> tuple[str, ...]:
     return tuple(f"file:{Path(tmp) / name}" for name in files)
 
 
-def finetuned(ckpt: Path, tmp: str, args):
-    from compresskit.finetune import FinetuneSettings, finetune
+def ft_settings(tmp: str, args):
+    """The one fine-tuning setting of every "+ FT" row, CD-MoE's and the REAP control's."""
+    from compresskit.finetune import FinetuneSettings
 
-    settings = FinetuneSettings(data=training_side_files(tmp), steps=args.ft_steps, lr=args.ft_lr,
-                                batch_size=args.ft_batch, seqlen=args.ft_seqlen, save_every=args.ft_steps)
+    return FinetuneSettings(data=training_side_files(tmp), steps=args.ft_steps, lr=args.ft_lr,
+                            batch_size=args.ft_batch, seqlen=args.ft_seqlen, save_every=args.ft_steps)
+
+
+def finetuned(ckpt: Path, tmp: str, args):
+    from compresskit.finetune import finetune
+
+    settings = ft_settings(tmp, args)
     out = Path(tempfile.mkdtemp(dir=tmp)) / "ft"
     outcome = finetune(ckpt, out, settings, device="cpu")
     d = outcome.manifest.method_details
@@ -138,10 +145,9 @@ def finetune_reap_in_memory(model, tok, tmp: str, args) -> dict:
     """The control for the fine-tuned CD-MoE rows: the REAP model's routed and shared experts of every
     MoE layer trainable (routers and everything else frozen), same data, steps, schedule and
     precision as ``compresskit finetune`` (fp32 on CPU, saved back in the checkpoint's dtype)."""
-    from compresskit.finetune import FinetuneSettings, train_loop, training_windows
+    from compresskit.finetune import train_loop, training_windows
 
-    settings = FinetuneSettings(data=training_side_files(tmp), steps=args.ft_steps, lr=args.ft_lr,
-                                batch_size=args.ft_batch, seqlen=args.ft_seqlen, save_every=args.ft_steps)
+    settings = ft_settings(tmp, args)
     dtype = next(model.parameters()).dtype
     adapter = get_adapter(model)
     params = []
