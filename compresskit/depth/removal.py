@@ -5,14 +5,16 @@ A removed sublayer's residual branch contributes zero, exactly as the reference'
 hold no tensors: the module (and its norm, whose output then feeds nothing) is gone from the
 state dict, and a streaming save writes only what remains.
 
-KV cache: :class:`RemovedAttention` computes nothing and stores nothing. It replaces its cache
-slot (same ``layer_idx`` as the attention it replaced) by transformers' ``DummyLayer`` — the
-slot type transformers uses for layers without attention — so the cache's sequence length and
-mask sizes are read from the first layer that really attends, and indices of the other layers
-are untouched. When *every* attention is removed there is no such layer, and transformers cannot
-tell the cache's length (``get_seq_length`` raises): the last removed attention then keeps its
-slot and appends one zero per token (keys / values ``[batch, 1, tokens, 1]``) so the cache
-counts tokens — positions and masks of later steps stay right; nothing reads those zeros. Post-norm blocks (OPT with ``do_layer_norm_before=False``) keep their norms: there
+KV cache: :class:`RemovedAttention` computes nothing, but its cache slot (same ``layer_idx`` as
+the attention it replaced) keeps counting tokens: each step appends zeros of one head and one
+channel (``[batch, 1, tokens, 1]``, or the slot's own head / channel count when the cache was
+allocated ahead, as a static cache is). transformers reads the cache's length, query offset and
+mask sizes from whichever slot its model code names — the first slot of a layer type for Gemma-2/3,
+slot 0 for most, the decode loop of ``eval --efficiency`` — so every slot, removed or not, must
+answer them for its own layer type (sliding window or full). A slot of a layer without keys
+(transformers' ``DummyLayer``) cannot (``get_seq_length`` is missing on it since transformers 5.25),
+so compresskit never uses one. Nothing reads the zeros; they cost ``batch × tokens`` numbers per
+removed attention. Post-norm blocks (OPT with ``do_layer_norm_before=False``) keep their norms: there
 the norm sits on the residual stream, not on the branch.
 """
 
@@ -28,29 +30,28 @@ def _hidden(args, kwargs) -> torch.Tensor:
     return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
 
-def _mark_cache_slot_empty(cache, layer_idx: int, hidden: torch.Tensor) -> None:
-    """Make ``cache.layers[layer_idx]`` transformers' ``DummyLayer`` (holds no keys / values),
-    unless no other slot could then count the cache's tokens: that slot stays and counts them."""
-    from transformers.cache_utils import CacheLayerMixin, DummyLayer
-
+def _count_tokens_in_slot(cache, layer_idx: int, hidden: torch.Tensor) -> None:
+    """Append one zero per token to ``cache``'s slot ``layer_idx`` so that the slot answers the
+    cache's length and mask sizes for its layer type like an attending layer would."""
     layers = getattr(cache, "layers", None)
-    if not isinstance(layers, list):
-        return
-    replicate = getattr(cache, "layer_class_to_replicate", None)
-    while len(layers) <= layer_idx and replicate is not None:
-        layers.append(replicate())
-    if layer_idx >= len(layers) or isinstance(layers[layer_idx], DummyLayer):
-        return
-    if any(isinstance(layer, CacheLayerMixin) for j, layer in enumerate(layers) if j != layer_idx):
-        layers[layer_idx] = DummyLayer()
-        return
-    # every other slot is a DummyLayer: this one is the cache's only token counter (all attention removed)
-    zeros = hidden.new_zeros(hidden.shape[0], 1, hidden.shape[-2], 1)
-    layers[layer_idx].update(zeros, zeros)
+    if isinstance(layers, list):
+        replicate = getattr(cache, "layer_class_to_replicate", None)
+        while len(layers) <= layer_idx and replicate is not None:
+            layers.append(replicate())
+        if layer_idx >= len(layers):
+            return
+        keys = getattr(layers[layer_idx], "keys", None)
+    else:
+        keys = None
+    heads, channels = (keys.shape[1], keys.shape[-1]) if isinstance(keys, torch.Tensor) and keys.dim() == 4 else (1, 1)
+    dtype = keys.dtype if isinstance(keys, torch.Tensor) else hidden.dtype
+    zeros = hidden.new_zeros(hidden.shape[0], heads, hidden.shape[-2], channels, dtype=dtype)
+    cache.update(zeros, zeros, layer_idx)
 
 
 class RemovedAttention(nn.Module):
-    """A removed attention sublayer: zero output, ``None`` attention weights, nothing cached."""
+    """A removed attention sublayer: zero output, ``None`` attention weights; its cache slot only
+    counts tokens (see the module docstring)."""
 
     def __init__(self, layer_idx: int | None = None):
         super().__init__()
@@ -60,7 +61,7 @@ class RemovedAttention(nn.Module):
         hidden = _hidden(args, kwargs)
         cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
         if cache is not None and self.layer_idx is not None:
-            _mark_cache_slot_empty(cache, self.layer_idx, hidden)
+            _count_tokens_in_slot(cache, self.layer_idx, hidden)
         return torch.zeros_like(hidden), None
 
 
