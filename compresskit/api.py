@@ -333,14 +333,7 @@ def _check_regex(pattern: str | None) -> None:
 
 
 def _method_config(entry, options: dict):
-    from pydantic import ValidationError
-
-    try:
-        return entry.config_cls(**{k: v for k, v in options.items() if v is not None})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field_name = ".".join(map(str, first["loc"]))
-        raise InputError(f"--method {entry.name}: option {field_name}: {first['msg']}") from None
+    return entry.make_config(options)
 
 
 def load(path: str | Path, device: str = "cpu", dtype=None):

@@ -17,7 +17,6 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from . import api
 from .commands.console import console as _console
 from .commands.progress import PhaseProgress
 from .errors import CompressKitError, InputError
@@ -37,12 +36,12 @@ out_console = _console()
 def _method_option_fields() -> dict[str, tuple[str, str, object]]:
     """CLI parameter name -> (flag, field name, pydantic FieldInfo), over all registered methods."""
     from .methods import available_methods, get_method
+    from .methods.base import option_flag
 
     fields: dict[str, tuple[str, str, object]] = {}
     for name in available_methods():
         for field_name, info in get_method(name).config_cls.model_fields.items():
-            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-            flag = extra.get("flag") or "--" + field_name.replace("_", "-")
+            flag = option_flag(field_name, info)
             param = flag.lstrip("-").replace("-", "_")
             fields.setdefault(param, (flag, field_name, info))
     return fields
@@ -128,6 +127,11 @@ def prune(
 ):
     """Prune or compress a model and write a checkpoint with a compresskit.json manifest."""
     options = _split_method_options(method, method_options)
+    from . import methods
+
+    methods.get_method(method).make_config(options)  # a bad method option answers before torch is imported
+    from . import api
+
     pruner_options = {k: v for k, v in {"blocksize": blocksize, "percdamp": percdamp}.items() if v is not None}
     from .engine import distributed
 
@@ -318,7 +322,9 @@ def inspect(
     plot: Optional[Path] = typer.Option(None, "--plot", help="FinerCut checkpoints: draw which sublayers went, by block and type, in which order (PNG)."),
 ):
     """Show a checkpoint's manifest and its per-block sparsity table."""
-    manifest = api.inspect(path)
+    from .checkpoint.manifest import Manifest  # api.inspect is Manifest.read: this way torch is not imported
+
+    manifest = Manifest.read(path)
     if plot is not None:
         from .depth.plot import plot_removed
 
@@ -363,17 +369,19 @@ _register_commands()
 
 
 def _quiet_libraries() -> None:
-    """Our own progress bars and one-line errors replace the libraries' bars and warnings."""
+    """Our own progress bars and one-line errors replace the libraries' bars and warnings. Through
+    the environment, read when transformers / huggingface_hub are imported, so that start-up does
+    not import them (only the commands that need them do); set directly if already imported."""
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:  # in-process callers (tests) may have imported it already
         import transformers
 
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-    except Exception:  # pragma: no cover - transformers missing is reported by the command itself
-        pass
     _show_our_warnings_as_lines()
 
 
@@ -398,9 +406,11 @@ def _show_our_warnings_as_lines() -> None:
 
 def _click_exceptions():
     """Typer ≥ 0.24 vendors click as ``typer._click``; older releases use click itself."""
-    from .compat import click_exceptions
-
-    return click_exceptions()
+    try:
+        from typer._click import exceptions
+    except ImportError:  # pragma: no cover - depends on the installed typer
+        from click import exceptions
+    return exceptions
 
 
 def _broken_pipe_is_not_an_error() -> None:

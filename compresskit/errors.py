@@ -54,3 +54,16 @@ class CheckFailed(CompressKitError):
     """A quality / size / speed threshold of a recipe was violated."""
 
     exit_code = 1
+
+
+def pydantic_message(err: dict) -> str:
+    """One pydantic error (an item of ``ValidationError.errors()``) in our words: without pydantic's
+    "Value error, " prefix, "must be" for "Input should be", and the value given unless the message
+    already names it ("got ..."). The one formatter for method options and recipe fields."""
+    if err["type"] == "missing":
+        return "required field is missing"
+    message = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+    value = err.get("input")
+    if value is not None and not isinstance(value, (dict, list)) and "got " not in message:
+        message += f" (got {value!r})"
+    return message

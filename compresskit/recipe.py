@@ -26,7 +26,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from .errors import CompressKitError, RecipeError
+from .errors import CompressKitError, RecipeError, pydantic_message
 from .evaluation.checks import EFFICIENCY_METRICS, Threshold
 from .yaml_lines import YamlDocument, YamlSourceError, parse_yaml
 
@@ -237,12 +237,7 @@ def _pydantic_message(err: dict) -> str:
         section = _section_model(tuple(err["loc"]))
         allowed = f" (allowed: {', '.join(section.model_fields)})" if section else ""
         return "unknown field" + allowed
-    if kind == "missing":
-        return "required field is missing"
-    message = err["msg"].removeprefix("Value error, ")
-    if err.get("input") is not None and not isinstance(err["input"], (dict, list)):
-        message += f" (got {err['input']!r})"
-    return message
+    return pydantic_message(err)
 
 
 def _first_error(exc: ValidationError, prefix: tuple = ()) -> _FieldError:

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ..allocation.alpha import MAPPINGS, allocate_alpha, esd_metric
-from ..analysis.spectra import model_singular_values, weights_fingerprint
 from ..errors import InputError
 from .base import MethodConfig, MethodResult, PruneJob, register
-from .sparsify import _expert_scope, onloaded_weights, prune_blocks, target_linears
 
 
 class AlphaConfig(MethodConfig):
@@ -40,6 +37,10 @@ def matrix_alphas(job: PruneJob, metric: str) -> tuple[list[str], list[int], lis
 
     Weights are read block by block through ``onload`` (twice: the cache fingerprint, then the
     spectra), so a lazily loaded model never holds more than one block."""
+    from ..allocation.alpha import esd_metric
+    from ..analysis.spectra import model_singular_values, weights_fingerprint
+    from .sparsify import _expert_scope, onloaded_weights, target_linears
+
     names, blocks, numels = [], [], []
     for i in range(job.adapter.num_blocks):
         with _expert_scope(job, i):
@@ -55,6 +56,9 @@ def matrix_alphas(job: PruneJob, metric: str) -> tuple[list[str], list[int], lis
 
 
 def run_alphapruning(job: PruneJob, config: AlphaConfig) -> MethodResult:
+    from ..allocation.alpha import MAPPINGS, allocate_alpha
+    from .sparsify import prune_blocks
+
     if job.pattern.kind == "nm":
         raise InputError("AlphaPruning allocates unstructured sparsity; N:M is not defined for it (use --method owl for N:M)")
     if config.alpha_mapping not in MAPPINGS:

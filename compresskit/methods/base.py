@@ -86,11 +86,36 @@ class MethodEntry:
     #: (keys of CALIBRATION_DEFAULTS: calib, format, nsamples, seqlen)
     calibration_defaults: dict = field(default_factory=dict)
 
+    def make_config(self, options: dict) -> MethodConfig:
+        """This method's config from the options given (None = unset). A bad value is one
+        ``InputError`` in our words, naming the option by its flag (``errors.pydantic_message``)."""
+        from pydantic import ValidationError
+
+        from ..errors import pydantic_message
+
+        try:
+            return self.config_cls(**{k: v for k, v in options.items() if v is not None})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            message = pydantic_message(err)
+            fields = self.config_cls.model_fields
+            if err["loc"] and err["loc"][0] in fields and not message.startswith("--"):
+                message = f"{option_flag(err['loc'][0], fields[err['loc'][0]])} {message}"
+            if not message.startswith(f"--method {self.name} "):
+                message = f"--method {self.name}: {message}"
+            raise InputError(message) from None
+
     def calibration_setting(self, name: str, given):
         """``given`` when the user set it, else this method's paper default, else the global default."""
         if given is not None:
             return given
         return self.calibration_defaults.get(name, CALIBRATION_DEFAULTS[name])
+
+
+def option_flag(field_name: str, info) -> str:
+    """The CLI flag of a config field: ``json_schema_extra={"flag": ...}``, else ``--field-name``."""
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    return extra.get("flag") or "--" + field_name.replace("_", "-")
 
 
 METHODS: dict[str, MethodEntry] = {}

@@ -20,9 +20,6 @@ import time
 
 from pydantic import Field, field_validator
 
-from ..moe.condense import SHARED_GATE_MODES
-from ..moe.pipeline import check_budget, check_orders, condense_model, read_orders, search_orders
-from ..analysis.distances import DISTANCES
 from .base import MethodConfig, MethodResult, PruneJob, register
 
 
@@ -46,6 +43,8 @@ class CdmoeConfig(MethodConfig):
     @field_validator("shared_gate")
     @classmethod
     def _gate_mode(cls, value: str) -> str:
+        from ..moe.condense import SHARED_GATE_MODES
+
         if value not in SHARED_GATE_MODES:
             raise ValueError(f"must be one of {', '.join(SHARED_GATE_MODES)}, got {value!r}")
         return value
@@ -53,12 +52,16 @@ class CdmoeConfig(MethodConfig):
     @field_validator("distance")
     @classmethod
     def _distance(cls, value: str) -> str:
+        from ..analysis.distances import DISTANCES
+
         if value not in DISTANCES:
             raise ValueError(f"must be one of {', '.join(DISTANCES)}, got {value!r}")
         return value
 
 
 def run_cdmoe(job: PruneJob, config: CdmoeConfig) -> MethodResult:
+    from ..moe.pipeline import check_budget, check_orders, condense_model, read_orders, search_orders
+
     blocks = check_budget(job.adapter, config.experts, config.layers)
     notes: list[str] = []
     if config.from_order is not None:

@@ -22,14 +22,6 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ..depth.blocks import check_config_rebuilds, delete_blocks, record_per_layer_config
-from ..depth.candidates import build_candidates, target_count
-from ..depth.greedy import OutputScorer, StopRule, greedy_search
-from ..depth.precision import float32_scoring
-from ..depth.removal import remove_sublayer, removed_kinds, sublayer_swaps
-from ..depth.report import removal_details
-from ..depth.structure import structure_entry
-from ..engine.replay import BlockReplay
 from ..errors import InputError
 from .base import MethodConfig, MethodResult, PruneJob, register
 
@@ -88,6 +80,9 @@ class FinerCutConfig(MethodConfig):
 
 
 def _stop_rule(job: PruneJob, config: FinerCutConfig, candidates, num_level_candidates: int, block_params: int) -> StopRule:
+    from ..depth.candidates import target_count
+    from ..depth.greedy import StopRule
+
     if config.remove is not None:
         count = target_count(num_level_candidates, config.remove)
         if count < 1:
@@ -105,6 +100,9 @@ def _stop_rule(job: PruneJob, config: FinerCutConfig, candidates, num_level_cand
 
 def _delete_empty_blocks(adapter, level: str, removed_blocks: set[int]) -> list[int] | None:
     """Delete blocks that are now identities; returns the kept old indices (None: nothing deleted)."""
+    from ..depth.blocks import delete_blocks
+    from ..depth.removal import removed_kinds
+
     drop = set(removed_blocks) if level == "block" else {
         i for i in range(adapter.num_blocks)
         if len(removed_kinds(adapter, i)) == 2 and not any(True for _ in adapter.block(i).parameters())
@@ -113,6 +111,15 @@ def _delete_empty_blocks(adapter, level: str, removed_blocks: set[int]) -> list[
 
 
 def run_finercut(job: PruneJob, config: FinerCutConfig) -> MethodResult:
+    from ..depth.blocks import check_config_rebuilds, record_per_layer_config
+    from ..depth.candidates import build_candidates
+    from ..depth.greedy import OutputScorer, greedy_search
+    from ..depth.precision import float32_scoring
+    from ..depth.removal import remove_sublayer, sublayer_swaps
+    from ..depth.report import removal_details
+    from ..depth.structure import structure_entry
+    from ..engine.replay import BlockReplay
+
     adapter = job.adapter
     t0 = time.perf_counter()
     num_level_candidates = len(build_candidates(adapter, config.level))

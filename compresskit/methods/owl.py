@@ -17,11 +17,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ..allocation.owl import allocate_owl, allocate_owl_nm, block_outlier_ratio
 from ..errors import InputError
-from ..pruning import Pattern
 from .base import MethodConfig, MethodResult, PruneJob, register
-from .sparsify import collect_block_statistics, prune_blocks
 
 
 class OWLConfig(MethodConfig):
@@ -39,6 +36,8 @@ class OWLConfig(MethodConfig):
 
 def outlier_ratios(job: PruneJob, m: float) -> list[float | None]:
     """OWL pass 1: D per block on the dense model (None for a block with nothing to prune)."""
+    from ..allocation.owl import block_outlier_ratio
+    from .sparsify import collect_block_statistics
 
     def reduce(i, linears, stats):
         names = [k for k in linears if k in stats]
@@ -50,6 +49,10 @@ def outlier_ratios(job: PruneJob, m: float) -> list[float | None]:
 
 
 def run_owl(job: PruneJob, config: OWLConfig, name: str = "owl") -> MethodResult:
+    from ..allocation.owl import allocate_owl, allocate_owl_nm
+    from ..pruning import Pattern
+    from .sparsify import prune_blocks
+
     D = outlier_ratios(job, config.owl_m)
     active = [i for i, d in enumerate(D) if d is not None]
     if not active:

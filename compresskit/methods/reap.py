@@ -13,10 +13,6 @@ import time
 from pydantic import Field, field_validator
 
 from ..errors import InputError
-from ..models.placement import onload
-from ..moe.pipeline import moe_blocks
-from ..moe.reap import check_removal, experts_to_remove, kept_experts, remove_experts, router_groups, set_expert_count
-from ..moe.stats import collect_expert_stats
 from .base import MethodConfig, MethodResult, PruneJob, register
 
 
@@ -36,6 +32,12 @@ class ReapConfig(MethodConfig):
 
 
 def run_reap(job: PruneJob, config: ReapConfig) -> MethodResult:
+    from ..models.placement import onload
+    from ..moe.pipeline import moe_blocks
+    from ..moe.reap import (check_removal, experts_to_remove, kept_experts, remove_experts, router_groups,
+                            set_expert_count)
+    from ..moe.stats import collect_expert_stats
+
     adapter, model = job.adapter, job.model
     blocks = moe_blocks(adapter)
     if not blocks:

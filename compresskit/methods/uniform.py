@@ -7,10 +7,11 @@
 from __future__ import annotations
 
 from .base import MethodResult, NoOptions, PruneJob, register
-from .sparsify import prune_blocks
 
 
 def _run(job: PruneJob, config: NoOptions, name: str) -> MethodResult:
+    from .sparsify import prune_blocks
+
     n = job.adapter.num_blocks
     ratio = job.pattern.sparsity if job.pattern.kind == "nm" else job.sparsity
     details = prune_blocks(job, [ratio] * n)

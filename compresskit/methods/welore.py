@@ -27,17 +27,14 @@ from __future__ import annotations
 
 import time
 
-import torch
 from pydantic import Field, field_validator
-from torch import nn
 
-from ..analysis.spectra import model_singular_values, weights_fingerprint
 from ..errors import InputError
-from ..lowrank.layer import LowRankLinear, replace_with_lowrank
-from ..lowrank.plan import DEFAULT_MIN_RATIO, WELORE_TAU_TABLE, WeLorePlan, plan_ranks, uniform_plan
-from ..models.placement import onload
 from .base import MethodConfig, MethodResult, PruneJob, register
-from .sparsify import onloaded_weights, target_linears
+
+#: = ``lowrank.plan.DEFAULT_MIN_RATIO``, written here so the CLI's help needs no torch
+#: (``tests/test_startup.py`` checks that the two agree)
+DEFAULT_MIN_RATIO = 0.5
 
 
 class WeLoreConfig(MethodConfig):
@@ -71,6 +68,8 @@ class WeLoreConfig(MethodConfig):
 
 
 def _factorised_prefixes(model: nn.Module) -> tuple[str, ...]:
+    from ..lowrank.layer import LowRankLinear
+
     return tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, LowRankLinear))
 
 
@@ -80,6 +79,8 @@ def welore_targets(job: PruneJob) -> dict[str, nn.Linear]:
     Called outside ``unfused_experts``: fused routed experts are not ``nn.Linear`` and stay dense.
     The U / V children of an existing ``LowRankLinear`` are skipped.
     """
+    from .sparsify import target_linears
+
     done = _factorised_prefixes(job.model)
     targets: dict[str, nn.Linear] = {}
     for i in range(job.adapter.num_blocks):
@@ -108,6 +109,9 @@ def welore_spectra(job: PruneJob) -> tuple[dict[str, torch.Tensor], dict[str, tu
     fine-tuned or pruned model never reuses another model's values (the reference caches without
     any key, methods.md §6.4).
     """
+    from ..analysis.spectra import model_singular_values, weights_fingerprint
+    from .sparsify import onloaded_weights
+
     targets = welore_targets(job)
     if not targets:
         raise InputError("no decoder linear to factorise; check --include / --exclude")
@@ -122,6 +126,8 @@ def welore_spectra(job: PruneJob) -> tuple[dict[str, torch.Tensor], dict[str, tu
 
 def make_plan(spectra, shapes, rank_reduction: float, min_ratio: float, uniform: bool) -> WeLorePlan:
     """The WeLore plan (one global τ) or the uniform baseline on the same matrices."""
+    from ..lowrank.plan import plan_ranks, uniform_plan
+
     if uniform:
         return uniform_plan(shapes, rank_reduction, min_ratio)
     return plan_ranks(spectra, shapes, rank_reduction, min_ratio)
@@ -136,12 +142,16 @@ def _per_block(job: PruneJob, rank_map: dict[str, int]):
             yield job.adapter.block(i), ranks
 
 
-@torch.no_grad()
 def merge_lowrank(job: PruneJob, plan: WeLorePlan, spectra) -> dict[str, int]:
     """``--merge``: overwrite each LRC's dense weight by its rank-k truncation U·V (same module)."""
+    import torch
+
+    from ..lowrank.layer import LowRankLinear
+    from ..models.placement import onload
+
     rank_map = plan.rank_map
     for block, ranks in _per_block(job, rank_map):
-        with onload(block, job.device):
+        with onload(block, job.device), torch.no_grad():
             for name, rank in ranks.items():
                 linear = job.model.get_submodule(name)
                 factors = LowRankLinear.from_linear(linear, rank, spectra.get(name), svd_device=job.device)
@@ -152,6 +162,9 @@ def merge_lowrank(job: PruneJob, plan: WeLorePlan, spectra) -> dict[str, int]:
 def factorise(job: PruneJob, plan: WeLorePlan, spectra) -> dict[str, int]:
     """Swap each LRC for its ``LowRankLinear``, block by block inside ``onload`` (the new factors
     are kept: released with the block, or spilled for a lazily loaded model)."""
+    from ..lowrank.layer import replace_with_lowrank
+    from ..models.placement import onload
+
     for block, ranks in _per_block(job, plan.rank_map):
         with onload(block, job.device):
             replace_with_lowrank(job.model, ranks, spectra=spectra, svd_device=job.device)
@@ -159,6 +172,8 @@ def factorise(job: PruneJob, plan: WeLorePlan, spectra) -> dict[str, int]:
 
 
 def run_welore(job: PruneJob, config: WeLoreConfig) -> MethodResult:
+    from ..lowrank.plan import WELORE_TAU_TABLE
+
     t0 = time.perf_counter()
     spectra, shapes = welore_spectra(job)
     svd_s = time.perf_counter() - t0

@@ -1,0 +1,85 @@
+"""Start-up time of the command line (issue 17): ``--help``, every ``COMMAND --help``, ``inspect`` and
+errors in options answer without importing torch or transformers (only the commands that compute
+import them; docs/architecture.md lists those function-local imports)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+HEAVY = ("torch", "transformers", "lm_eval", "safetensors", "datasets", "matplotlib")
+
+#: ``compresskit --help`` may take this many times ``python -c pass`` (best of 3 each, same run).
+#: Measured on an idle 2-core machine: about 10x (0.3 s / 0.03 s) lazily, about 120x with the old eager
+#: imports of torch and transformers; the two scale alike when the machine is loaded.
+HELP_RATIO_BUDGET = 40
+
+_PROBE = """
+import json, sys
+from compresskit.cli import main
+heavy, argvs, names = {}, json.loads(sys.argv[1]), json.loads(sys.argv[2])
+for argv in argvs:
+    sys.argv = ["compresskit", *argv]
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code
+    else:
+        code = 0
+    heavy[" ".join(argv)] = [code, sorted(m for m in names if m in sys.modules)]
+print(json.dumps(heavy))
+"""
+
+
+def _probe(argvs: list[list[str]]) -> dict:
+    res = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(argvs), json.dumps(HEAVY)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_help_inspect_and_option_errors_import_no_heavy_library(tmp_path):
+    from compresskit.checkpoint.manifest import Manifest
+
+    ckpt = tmp_path / "ckpt"  # inspect reads only the manifest
+    ckpt.mkdir()
+    Manifest(method="magnitude", base_model="tiny").write(ckpt)
+    argvs = [["--help"], *([c, "--help"] for c in ("prune", "eval", "inspect", "analyze", "finetune", "compare", "run")),
+             ["inspect", str(ckpt)], ["inspect", str(ckpt), "--json"],
+             ["prune", "--model", "m", "--out", str(tmp_path / "o"), "--method", "nope"],  # unknown method
+             ["prune", "--model", "m", "--out", str(tmp_path / "o"), "--method", "wanda", "--owl-m", "3"],
+             ["prune", "--model", "m", "--out", str(tmp_path / "o"), "--method", "finercut", "--remove", "1.5"],
+             ["prune", "--model", "m", "--method", "wanda"],  # missing --out: a usage error
+             ["eval", "--seqlen", "many"]]
+    report = _probe([list(a) for a in argvs])
+    for argv, (code, heavy) in report.items():
+        assert code in (0, 2), (argv, code)
+        assert heavy == [], f"compresskit {argv} imported {heavy}"
+    assert not (tmp_path / "o").exists()
+
+
+def _best_of(cmd: list[str], n: int = 3) -> float:
+    best = float("inf")
+    for _ in range(n):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, capture_output=True, check=True, timeout=120)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def test_help_time_is_a_small_multiple_of_a_bare_interpreter():
+    bare = _best_of([sys.executable, "-c", "pass"])
+    helped = _best_of([sys.executable, "-m", "compresskit", "--help"])
+    assert helped < HELP_RATIO_BUDGET * bare, (
+        f"compresskit --help took {helped:.2f} s = {helped / bare:.0f}x python -c pass ({bare:.3f} s); "
+        f"budget {HELP_RATIO_BUDGET}x")
+
+
+def test_welore_default_min_ratio_is_the_plans():
+    """The WeLore config holds the default itself (its module must import without torch)."""
+    from compresskit.lowrank.plan import DEFAULT_MIN_RATIO
+    from compresskit.methods.welore import WeLoreConfig
+
+    assert WeLoreConfig.model_fields["min_ratio"].default == DEFAULT_MIN_RATIO
