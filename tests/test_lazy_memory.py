@@ -9,9 +9,10 @@ Bound: going from 4 to more blocks, lazy peak RSS may grow by at most ONE block 
 (measured on this machine: Wanda 625.4 → 624.2 MB from 4 to 8 blocks; SparseGPT 834.4 → 848.5 MB
 from 4 to 16 blocks, about 1 MB per block of Python objects and sub-1-MiB allocations; the slack
 covers that and allocator noise, the block covers nothing measured). The in-memory path
-(``--load in-memory``) is measured the same way and must grow by at least 80 % of the added
-blocks' bytes, so the measurement is shown to see a model held in memory (measured 804.7 →
-1005.5 MB from 4 to 8 blocks: +200.8 MB for 205.6 MB of added blocks).
+(``--load in-memory``) measured the same way grows with the model (804.7 → 1005.5 MB from 4 to 8
+blocks: +200.8 MB for 205.6 MB of added blocks), but how much depends on the allocator and the
+machine's memory pressure, so that row lives in ``benchmarks/memory_lazy.py``; the test here
+counts the bytes each loader holds instead (exact).
 
 Before the fixes this test pins, lazy grew by one block per block (210 MB, 4 → 8): glibc's malloc
 kept freed block tensors in a fragmented heap (``models.lazy_store.pin_malloc_mmap_threshold``) and
@@ -74,11 +75,33 @@ def test_lazy_prune_peak_rss_is_flat_up_to_16_blocks_for_sparsegpt(workspace):
     assert large - small <= block_mb + SLACK_MB, (small, large, block_mb)
 
 
-@pytest.mark.slow
-def test_in_memory_prune_peak_rss_grows_with_the_model(workspace):
-    """The same measurement sees a model held in memory: the bound above can fail."""
-    small, block_mb, disk_small = _peak(workspace, 4, "in-memory")
-    large, _, disk_large = _peak(workspace, 8, "in-memory")
-    print(f"in-memory wanda peak RSS: 4 blocks {small:.1f} MB, 8 blocks {large:.1f} MB")
-    assert large - small > block_mb + SLACK_MB
-    assert large - small >= 0.8 * (disk_large - disk_small), (small, large, disk_small, disk_large)
+def _resident_bytes(model) -> int:
+    """Bytes of every tensor the loaded model holds in memory (meta tensors hold none)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_meta or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def test_in_memory_load_holds_every_block_lazy_load_holds_none(workspace):
+    """The deterministic side of the bound above: what each loader keeps in memory, in bytes. In
+    memory, 4 more blocks are exactly 4 blocks' bytes more; lazily, nothing more (the blocks stay
+    on disk until a forward or the engine materialises one). The same claim measured as peak RSS of
+    a whole prune depends on the allocator and the machine's load, so it is a row of
+    ``benchmarks/memory_lazy.py`` (in-memory vs lazy columns), not a test."""
+    from compresskit.checkpoint.lazy_input import load_input
+
+    held = {}
+    for blocks in (4, 8):
+        model_dir, block_mb = _model(workspace, blocks)
+        for lazy in (False, True):
+            model, _ = load_input(str(model_dir), dtype="float32", lazy=lazy)
+            held[blocks, lazy] = _resident_bytes(model)
+            del model
+    block_bytes = block_mb * 1e6
+    assert held[8, False] - held[4, False] == pytest.approx(4 * block_bytes, rel=0.01)
+    assert held[8, True] == held[4, True]
+    assert held[4, True] <= held[4, False] - 4 * block_bytes * 0.99
