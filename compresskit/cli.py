@@ -406,11 +406,9 @@ def _show_our_warnings_as_lines() -> None:
 
 def _click_exceptions():
     """Typer ≥ 0.24 vendors click as ``typer._click``; older releases use click itself."""
-    try:
-        from typer._click import exceptions
-    except ImportError:  # pragma: no cover - depends on the installed typer
-        from click import exceptions
-    return exceptions
+    from .compat import click_exceptions
+
+    return click_exceptions()
 
 
 def _broken_pipe_is_not_an_error() -> None:

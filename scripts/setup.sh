@@ -1,16 +1,33 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install compresskit with its test dependencies.
-# torch is pinned to the CPU wheel 2.13.0 here; GPU users install their own CUDA torch first.
+# Create .venv (if missing) and install compresskit with its test dependencies, at the exact versions
+# of requirements/ci.txt (the pinned test environment; CI uses this script). torch is pinned there to
+# 2.13.0, which takes the local CPU wheel where one lies on disk; a torch already installed in .venv
+# (a GPU user's CUDA build) is kept and left out of the pins.
+# COMPRESSKIT_UNPINNED=1 installs the newest releases pyproject.toml allows instead (not for CI; see
+# scripts/upgrade-deps.sh for the deliberate upgrade step).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ] || [ ! -f .venv/bin/activate ]; then
-  rm -rf .venv  # absent, or left half-made by an interrupted run
-  "$PY" -m venv .venv
+VENV=${COMPRESSKIT_VENV:-.venv}
+LOCK=requirements/ci.txt
+if [ ! -x "$VENV/bin/python" ] || [ ! -f "$VENV/bin/activate" ]; then
+  rm -rf "$VENV"  # absent, or left half-made by an interrupted run
+  "$PY" -m venv "$VENV"
 fi
-. .venv/bin/activate
-python -m pip install -q --upgrade pip
-if ! python -c "import torch" 2>/dev/null; then
-  python -m pip install -q torch==2.13.0
+. "$VENV/bin/activate"
+if [ "${COMPRESSKIT_UNPINNED:-0}" = "1" ]; then
+  python -m pip install -q --upgrade pip
+  python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
+  python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+  exit 0
 fi
-python -m pip install -q -e ".[dev]"
+CONSTRAINTS=$(mktemp)
+trap 'rm -f "$CONSTRAINTS"' EXIT
+if python -c "import torch" 2>/dev/null; then
+  grep -v '^torch==' "$LOCK" > "$CONSTRAINTS"  # keep the torch that is there
+else
+  cp "$LOCK" "$CONSTRAINTS"
+fi
+python -m pip install -q -c "$CONSTRAINTS" pip
+python -c "import torch" 2>/dev/null || python -m pip install -q -c "$CONSTRAINTS" torch
+python -m pip install -q -c "$CONSTRAINTS" -e ".[dev]"

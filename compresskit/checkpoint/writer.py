@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..compat import parse_size, safetensors_dtype_name
 from ..models.adapters import get_adapter
 from ..models.placement import onload
 
@@ -34,9 +35,7 @@ INDEX_NAME = "model.safetensors.index.json"
 
 
 def _parse_size(size: int | str) -> int:
-    from huggingface_hub.serialization._base import parse_size_to_int
-
-    return size if isinstance(size, int) else parse_size_to_int(size)
+    return parse_size(size)
 
 
 class _ShardWriter:
@@ -55,18 +54,15 @@ class _ShardWriter:
         self.total_bytes = 0
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
-        from safetensors.torch import _TYPES
-
         size = tensor.numel() * tensor.element_size()
         if self.pending and self.pending_bytes + size > self.max_bytes:
             self.flush()
-        names = {dtype: name for name, dtype in _TYPES.items()}
         width = tensor.element_size()
         data = self._data.get(width)
         if data is None:
             data = self._data[width] = open(self._data_path(len(self.files), width), "wb+")  # noqa: SIM115
         value = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self.pending[key] = (names[tensor.dtype], list(tensor.shape), width, data.tell())
+        self.pending[key] = (safetensors_dtype_name(tensor.dtype), list(tensor.shape), width, data.tell())
         data.write(value.numpy().data)
         del value
         self.pending_bytes += size

@@ -111,8 +111,9 @@ def expand_requests(
 
 # ----------------------------------------------------------------------------- task lookup
 def _yaml_task_name(path: Path) -> str:
-    from lm_eval.tasks._yaml_loader import load_yaml
+    from ..compat import internal
 
+    load_yaml = internal("lm_eval.tasks._yaml_loader.load_yaml")
     try:
         cfg = load_yaml(path, resolve_func=False)
     except (OSError, ValueError, yaml.YAMLError) as exc:

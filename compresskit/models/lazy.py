@@ -34,6 +34,7 @@ from torch import nn
 
 from .lazy_store import ATTR, LazyStore, OriginalSource, lazy_ref, store_of
 
+from ..compat import causal_lm_class, internal, method, problems, safetensors_dtype
 LOADING_LAZY = "lazy"
 
 
@@ -75,39 +76,38 @@ class _Files:
 
     def meta(self, key: str) -> torch.Tensor:
         s = self.slice(key)
-        from safetensors.torch import _getdtype
-
-        return torch.empty(s.get_shape(), dtype=_getdtype(s.get_dtype()), device="meta")
+        return torch.empty(s.get_shape(), dtype=safetensors_dtype(s.get_dtype()), device="meta")
 
 
 def _model_class(config, trust_remote_code: bool):
     from .loading import _auto_class
 
-    auto = _auto_class(config)
-    if type(config) not in auto._model_mapping:
+    cls = causal_lm_class(config, _auto_class(config))
+    if cls is None:
         raise LazyUnsupported("remote-code model: loaded in memory")
-    return auto._model_mapping[type(config)]
+    return cls
 
 
 def _skeleton(directory: Path, dtype: torch.dtype | None, files: _Files):
     """The model on meta (as ``from_pretrained`` builds it), its dtype and its LoadStateDictConfig."""
     from transformers import AutoConfig
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.modeling_utils import LoadStateDictConfig, _get_dtype
-    from transformers.utils.generic import ContextManagers
 
     config = AutoConfig.from_pretrained(directory)
     if getattr(config, "quantization_config", None) is not None:
         raise LazyUnsupported("quantized checkpoint: loaded in memory")
     cls = _model_class(config, False)
+    get_dtype = internal("transformers.modeling_utils._get_dtype")
+    LoadStateDictConfig = internal("transformers.modeling_utils.LoadStateDictConfig")
+    ContextManagers = internal("transformers.utils.generic.ContextManagers")
+    get_model_conversion_mapping = internal("transformers.conversion_mapping.get_model_conversion_mapping")
     checkpoint_files = sorted(files.handles)
-    config, dtype = _get_dtype(dtype or "auto", checkpoint_files, config, None, None, True, None)
+    config, dtype = get_dtype(dtype or "auto", checkpoint_files, config, None, None, True, None)
     config.name_or_path = str(directory)
     config = deepcopy(config)
-    with ContextManagers(cls.get_init_context(dtype, False, False, False)):
+    with ContextManagers(method(cls, "transformers.PreTrainedModel.get_init_context")(dtype, False, False, False)):
         model = cls(config)
     load_config = LoadStateDictConfig(
-        pretrained_model_name_or_path=str(directory), dtype=dtype, dtype_plan=model._get_dtype_plan(dtype),
+        pretrained_model_name_or_path=str(directory), dtype=dtype, dtype_plan=method(model, "transformers.PreTrainedModel._get_dtype_plan")(dtype),
         weight_mapping=get_model_conversion_mapping(model, None, None),
     )
     return model, load_config
@@ -117,13 +117,11 @@ class _Plan:
     """Checkpoint keys grouped the way ``convert_and_load_state_dict_in_model`` groups them."""
 
     def __init__(self, model, load_config, files: _Files, identity: bool):
-        from transformers.core_model_loading import (
-            WeightConverter,
-            WeightRenaming,
-            build_glob_alternation,
-            dot_natural_key,
-            rename_source_key,
-        )
+        WeightConverter = internal("transformers.core_model_loading.WeightConverter")
+        WeightRenaming = internal("transformers.core_model_loading.WeightRenaming")
+        build_glob_alternation = internal("transformers.core_model_loading.build_glob_alternation")
+        dot_natural_key = internal("transformers.core_model_loading.dot_natural_key")
+        rename_source_key = internal("transformers.core_model_loading.rename_source_key")
 
         self.files = files
         mapping_list = [] if identity else (load_config.weight_mapping or [])
@@ -159,7 +157,7 @@ class _Plan:
 
     def convert(self, first: str, model, meta: bool = False) -> dict[str, torch.Tensor]:
         """Target name -> tensor (CPU, or meta shapes only) for the group ``first``."""
-        from transformers.utils.loading_report import LoadStateDictInfo
+        LoadStateDictInfo = internal("transformers.utils.loading_report.LoadStateDictInfo")
 
         template, entries = self.groups[first]
         transform = deepcopy(template)
@@ -179,35 +177,20 @@ class _Plan:
 
 def _finalise_non_block(model, load_config, loading_info, block_keys: set[str]) -> None:
     """``_finalize_model_loading`` without touching the (meta) block tensors."""
-    model.mark_tied_weights_as_initialized(loading_info)
+    method(model, "transformers.PreTrainedModel.mark_tied_weights_as_initialized")(loading_info)
     outside = {k for k in loading_info.missing_keys if k not in block_keys}
-    model._move_missing_keys_from_meta_to_device(outside, None, None, None)
-    model._initialize_missing_keys(False)
+    method(model, "transformers.PreTrainedModel._move_missing_keys_from_meta_to_device")(outside, None, None, None)
+    method(model, "transformers.PreTrainedModel._initialize_missing_keys")(False)
     model.tie_weights(missing_keys=loading_info.missing_keys, recompute_mapping=False)
 
 
 def _require_transformers_loading_api() -> None:
     """The lazy path replays transformers 5's own loading steps (key renames, expert fusing, tied
-    weights), which are not public API: a transformers without them loads in memory instead."""
-    try:
-        import transformers.conversion_mapping as cm
-        import transformers.core_model_loading as cml
-        import transformers.modeling_utils as mu
-        from transformers import PreTrainedModel
-    except ImportError as exc:
-        raise LazyUnsupported(f"transformers {_transformers_version()} lacks the loading API lazy loading needs ({exc})") from None
-    needed = [(cm, "get_model_conversion_mapping"), (cml, "convert_and_load_state_dict_in_model"),
-              (mu, "LoadStateDictConfig"), (mu, "_get_dtype"), (PreTrainedModel, "mark_tied_weights_as_initialized"),
-              (PreTrainedModel, "_move_missing_keys_from_meta_to_device"), (PreTrainedModel, "_initialize_missing_keys")]
-    absent = [name for owner, name in needed if not hasattr(owner, name)]
-    if absent:
-        raise LazyUnsupported(f"transformers {_transformers_version()} lacks {absent[0]} (lazy loading needs it)")
-
-
-def _transformers_version() -> str:
-    import transformers
-
-    return transformers.__version__
+    weights), which are not public API (compat.py lists them): a transformers without them loads in
+    memory instead."""
+    missing = problems("transformers")
+    if missing:
+        raise LazyUnsupported(missing[0])
 
 
 def _install_block_hooks(blocks: nn.ModuleList) -> None:

@@ -58,6 +58,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..compat import tensor_version
 from ..outputs import HOST, remove_dead_process_dirs
 
 ATTR = "_compresskit_lazy"
@@ -246,7 +247,7 @@ class LazyStore:
                 value = raw.to(device, copy=True)
                 if kind == "_parameters":
                     value = nn.Parameter(value, requires_grad=tensor.requires_grad)
-                session.loaded[id(value)] = (ref.source, value._version, value, raw)
+                session.loaded[id(value)] = (ref.source, tensor_version(value), value, raw)
                 new = value
             elif tensor.is_meta:
                 new = tensor  # a meta tensor nobody can read (not ours): leave it
@@ -300,7 +301,7 @@ class LazyStore:
     @staticmethod
     def _unchanged(tensor: torch.Tensor, entry) -> bool:
         _, version, _, original = entry
-        if tensor._version != version:
+        if tensor_version(tensor) != version:
             return False
         if original.dtype != tensor.dtype or original.shape != tensor.shape:
             return False

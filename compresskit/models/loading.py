@@ -161,8 +161,10 @@ def _auto_class(config):
     """AutoModelForCausalLM, or the image-text-to-text auto class for VLM wrappers (LLaVA)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    from ..compat import causal_lm_class
+
     for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
-        if type(config) in auto._model_mapping:
+        if causal_lm_class(config, auto) is not None:
             return auto
     auto_map = getattr(config, "auto_map", None) or {}
     if "AutoModelForImageTextToText" in auto_map and "AutoModelForCausalLM" not in auto_map:

@@ -66,5 +66,7 @@ def move_model(model: nn.Module, device: torch.device | str) -> nn.Module:
     device = torch.device(device)
     if getattr(model, "_compresskit_lazy_store", None) is None:
         return model.to(device)
-    return model._apply(lambda t: t if t.is_meta else t.to(device))
+    from ..compat import apply_to_tensors
+
+    return apply_to_tensors(model, lambda t: t if t.is_meta else t.to(device))
 
