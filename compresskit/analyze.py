@@ -16,10 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import InputError, OutputError
-
-#: The ``Software`` text chunk of every PNG compresskit draws (``outputs`` recognises its own plots by it).
-PNG_METADATA = {"Software": "compresskit"}
+from .errors import InputError
+from .outputs import PNG_METADATA, OutputGuard, save_png  # noqa: F401 - PNG_METADATA: plotting modules read it here
 
 _METRICS: dict[str, Callable[..., dict]] = {}
 
@@ -110,6 +108,10 @@ def analyze(model: str | Any, metric: str, *, sparsity: float | None = 0.7, opti
         options["plot"] = check_plot_path(options["plot"], inputs)
     job = build_job(model, tokenizer=tokenizer, sparsity=sparsity, **job_kwargs)
     report = _METRICS[metric](job, options)
+    if job._calibration_fitted:  # the calibration length used (an unset --seqlen fitted to the model)
+        report["calibration_seqlen"] = job.calibration.seqlen
+        if job.seqlen_default is not None:
+            report["calibration_seqlen_default"] = job.seqlen_default
     report["model"] = model if isinstance(model, str) else getattr(job.model.config, "_name_or_path", "in-memory")
     report["blocks"] = [job.adapter.block_name(i) for i in range(job.adapter.num_blocks)]
     if plot is not None:
@@ -120,27 +122,14 @@ def analyze(model: str | Any, metric: str, *, sparsity: float | None = 0.7, opti
 
 def check_plot_path(plot: str | Path, inputs=()) -> Path:
     """The PNG file ``--plot`` will write, refused with one line before any compute when it is a
-    directory, not a PNG name, an input, a file compresskit did not write, or not writable."""
-    from .outputs import OutputGuard
-
-    text = str(plot)
-    path = Path(text).expanduser()
-    if path.is_dir() or text.endswith(("/", "\\")):
-        raise InputError(f"--plot {text} is a directory; give a PNG file such as {path / 'analyze.png'}")
-    if not path.suffix:
-        path = path.with_name(path.name + ".png")
-    elif path.suffix.lower() != ".png":
-        raise InputError(f"--plot writes a PNG image; give a .png file name, got {text}")
-    return OutputGuard(inputs).file(path, kind="png", flag="--plot")
+    directory, not a PNG name, an input, a file compresskit did not write, or not writable
+    (``OutputGuard.png``, the guard ``inspect --plot`` uses too)."""
+    return OutputGuard(inputs).png(plot, flag="--plot")
 
 
 def save_figure(fig, path: Path) -> None:
     """``fig`` as a PNG marked as compresskit's; a write failure is one ``OutputError`` line."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110, format="png", metadata=PNG_METADATA)
-    except OSError as exc:
-        raise OutputError(f"cannot write --plot {path}: {exc.strerror or exc}") from None
+    save_png(fig, path, dpi=110, flag="--plot")
 
 
 def plot_report(report: dict, path: Path) -> None:

@@ -112,7 +112,7 @@ def prune(
     calib = entry.calibration_setting("calib", calib)
     calib_format = entry.calibration_setting("format", calib_format)
     nsamples = entry.calibration_setting("nsamples", nsamples)
-    seqlen = entry.calibration_setting("seqlen", seqlen)
+    default_seqlen = entry.calibration_setting("seqlen", None)  # an unset seqlen: this, fitted to the model
     pat = _validate_common(sparsity, pattern, pruner, entry)
     config = _method_config(entry, method_options or {})
     pruner_name = pruner or entry.default_pruner or "wanda"
@@ -124,8 +124,11 @@ def prune(
         _check_regex(option)
     model_name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "in-memory")
     if out is not None:  # before any compute: never an input, a foreign directory, the cwd, ...
-        calib_file = calib if isinstance(calib, str) and calib.startswith("file:") else None
-        check_output_dir(out, force, input_path=model if isinstance(model, str) else None, inputs=[calib_file])
+        from .outputs import option_inputs
+
+        # every path an option reads is an input (--calib file:..., --from-order, any method option)
+        check_output_dir(out, force, input_path=model if isinstance(model, str) else None,
+                         inputs=option_inputs(calib, config.model_dump(), pruner_options))
     dev = resolve_device(device)
     budget, budget_name = device_budget(dev, max_gpu_memory)  # validates the size before loading
     dev = distributed.local_device(dev)  # under torchrun: this rank's GPU
@@ -134,7 +137,8 @@ def prune(
     t0 = time.perf_counter()
     job = build_job(
         model, tokenizer=tokenizer, dtype=dtype, revision=revision, device=dev, sparsity=sparsity, pattern=pat,
-        pruner=pruner_name, calib=calib, calib_format=calib_format, nsamples=nsamples, seqlen=seqlen, seed=seed,
+        pruner=pruner_name, calib=calib, calib_format=calib_format, nsamples=nsamples, seqlen=seqlen,
+        default_seqlen=default_seqlen, seed=seed,
         num_incontext=num_incontext, text_field=text_field, batch_size=batch_size,
         offload_activations=offload_activations, include=include, exclude=exclude, pruner_options=pruner_options,
         progress=progress, lazy=load == "lazy",
@@ -142,7 +146,7 @@ def prune(
         spill_root=Path(out).expanduser().resolve().parent if out is not None else None,
     )
     load_s = time.perf_counter() - t0
-    model_obj, tok, adapter, calibration = job.model, job.tokenizer, job.adapter, job.calibration
+    model_obj, tok, adapter = job.model, job.tokenizer, job.adapter
     from .methods.sparsify import validate_pattern
 
     validate_pattern(job, [pat] * adapter.num_blocks)
@@ -153,6 +157,8 @@ def prune(
     memory = None
     if entry.needs_calibration(job, config):
         from .methods.sparsify import plan_activation_memory
+
+        job.fit_calibration()  # an unset --seqlen fits the model's context before the memory plan reads it
 
         needs = PRUNERS[pruner_name].needs if entry.kind == "sparsity" else "none"
         memory = plan_activation_memory(job, budget, needs, budget_name)
@@ -166,8 +172,9 @@ def prune(
     uses_calib = entry.needs_calibration(job, config)
     calib_record = None
     if uses_calib and job._calibration_data is not None:
-        calib_record = dict(calibration.to_dict(), hash=job._calibration_data.hash,
-                            **job._calibration_data.provenance())
+        calib_record = dict(job.calibration.to_dict(), hash=job._calibration_data.hash,
+                            **job._calibration_data.provenance(),
+                            **({"seqlen_default": job.seqlen_default} if job.seqlen_default is not None else {}))
     hyper = {
         "sparsity": job.sparsity,
         "pattern": str(pat),
@@ -226,22 +233,23 @@ def prune(
 
 def build_job(
     model, *, tokenizer=None, dtype="auto", revision=None, device="auto", sparsity=None, pattern="unstructured",
-    pruner="wanda", calib="c4", calib_format="window", nsamples=128, seqlen=2048, seed=0, num_incontext=None,
-    text_field=None, batch_size=8, offload_activations=False, include=None, exclude=None, pruner_options=None,
-    progress=None, lazy=True, spill_root=None,
+    pruner="wanda", calib="c4", calib_format="window", nsamples=128, seqlen=None, default_seqlen=2048, seed=0,
+    num_incontext=None, text_field=None, batch_size=8, offload_activations=False, include=None, exclude=None,
+    pruner_options=None, progress=None, lazy=True, spill_root=None,
 ) -> PruneJob:
     """Load the model (unless given one), find its adapter, and gather the shared options.
 
-    Options are validated before the model is loaded (``seqlen`` against the model's position
-    limit when calibration data is first needed: ``PruneJob.calibration_data``)."""
+    Options are validated before the model is loaded. ``seqlen`` None: ``default_seqlen``, lowered
+    to the model's context (``PruneJob.fit_calibration``, when calibration is first needed); a given
+    ``seqlen`` is checked against the model's position limit at that point."""
     from .calibration import CalibrationSpec
     from .models import get_adapter
 
     pat = Pattern.parse(pattern)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
-    spec_kwargs = dict(source=calib, format=calib_format, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                       text_field=text_field)
+    spec_kwargs = dict(source=calib, format=calib_format, nsamples=nsamples,
+                       seqlen=default_seqlen if seqlen is None else seqlen, seed=seed, text_field=text_field)
     if num_incontext is not None:
         spec_kwargs["num_incontext"] = num_incontext
     calibration = CalibrationSpec(**spec_kwargs)
@@ -265,6 +273,7 @@ def build_job(
         pattern=pat,
         pruner=pruner,
         calibration=calibration,
+        seqlen_given=seqlen is not None,
         batch_size=batch_size,
         offload_activations=offload_activations,
         include=include,

@@ -106,7 +106,7 @@ def prune(
     calib_format: Optional[str] = typer.Option(None, help="[default: the method's paper setting: prefix for finercut, window for the others] window (random seqlen windows of documents) | prefix (the first nsamples×seqlen tokens of the non-empty documents joined with a space, no sampling) | icl | cot | single | zero."),
     text_field: Optional[str] = typer.Option(None, "--text-field", help="Text column of --calib records (file / hf sources) [default: text]."),
     nsamples: Optional[int] = typer.Option(None, help="Calibration samples [default: the method's paper setting, 128 for most]."),
-    seqlen: Optional[int] = typer.Option(None, help="Calibration sequence length in tokens [default: the method's paper setting, 2048 for most]."),
+    seqlen: Optional[int] = typer.Option(None, help="Calibration sequence length in tokens [default: the method's paper setting, 2048 for most; the model's context when shorter]."),
     seed: int = typer.Option(0, help="Calibration sampling seed."),
     num_incontext: Optional[int] = typer.Option(None, help="Question/answer pairs per sample for icl / cot."),
     include: Optional[str] = typer.Option(None, help="Only touch decoder linears whose full name matches this regex."),
@@ -239,7 +239,7 @@ def eval_(
     task_file: List[Path] = typer.Option([], "--task-file", help="Local lm-eval task YAML (or folder) to index; repeatable. Without --tasks, the files' own tasks run."),
     ppl: Optional[str] = typer.Option(None, help="Perplexity dataset: wikitext2 | c4 | demo (shipped Moby Dick excerpt) | auto (wikitext2, else demo); comma-separated for several."),
     ppl_file: List[Path] = typer.Option([], "--ppl-file", help="Perplexity of a local text file (.txt as-is, .jsonl 'text' rows joined by blank lines); repeatable; keyed by file stem."),
-    seqlen: int = typer.Option(2048, help="Perplexity window length."),
+    seqlen: Optional[int] = typer.Option(None, help="Perplexity window length [default: 2048, or the model's context when shorter]."),
     max_windows: Optional[int] = typer.Option(None, help="Only the first N perplexity windows (a quick estimate; recorded)."),
     ppl_batch_size: int = typer.Option(1, help="Perplexity windows per forward (the papers use 1)."),
     num_fewshot: Optional[int] = typer.Option(None, help="Few-shot examples [default: the set's protocol, else 0]."),
@@ -324,6 +324,10 @@ def inspect(
     """Show a checkpoint's manifest and its per-block sparsity table."""
     from .checkpoint.manifest import Manifest  # api.inspect is Manifest.read: this way torch is not imported
 
+    if plot is not None:  # the guard of every --plot: never an input, a foreign file, a directory; writable
+        from .outputs import OutputGuard
+
+        plot = OutputGuard([path]).png(plot, flag="--plot")
     manifest = Manifest.read(path)
     if plot is not None:
         from .depth.plot import plot_removed
@@ -386,16 +390,18 @@ def _quiet_libraries() -> None:
 
 
 def _show_our_warnings_as_lines() -> None:
-    """``CompressKitWarning``s print as one ``warning: ...`` line on stderr (no file:line, no source)."""
+    """``CompressKitWarning``s print as one ``warning: ...`` line on stderr (no file:line, no source),
+    ``CompressKitNote``s as one ``note: ...`` line."""
     import warnings
 
-    from .errors import CompressKitWarning
+    from .errors import CompressKitNote, CompressKitWarning
 
     previous = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, CompressKitWarning):
-            err_console.print(f"warning: {message}", soft_wrap=True)
+            kind = "note" if issubclass(category, CompressKitNote) else "warning"
+            err_console.print(f"{kind}: {message}", soft_wrap=True)
         else:
             previous(message, category, filename, lineno, file, line)
 

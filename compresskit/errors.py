@@ -50,6 +50,10 @@ class CompressKitWarning(UserWarning):
     """Something the user should know but that does not stop the run; the CLI prints ``warning: ...``."""
 
 
+class CompressKitNote(CompressKitWarning):
+    """A choice made for the user (a default fitted to the model); the CLI prints ``note: ...``."""
+
+
 class CheckFailed(CompressKitError):
     """A quality / size / speed threshold of a recipe was violated."""
 

@@ -29,6 +29,8 @@ from .models.loading import resolve_device, resolve_dtype
 Progress = Callable[[str, int, int, str], None]
 #: ``demo``: the shipped public-domain sample; ``auto``: WikiText-2, else ``demo`` (keyed by the one used).
 PPL_DATASETS = ("wikitext2", "c4", "demo", "auto")
+#: The papers' perplexity window (methods.md §1.4); an unset --seqlen is this, fitted to the model.
+DEFAULT_PPL_SEQLEN = 2048
 
 
 # ----------------------------------------------------------------------------- what is evaluated
@@ -149,7 +151,7 @@ def evaluate(
     task_files: Iterable[str | Path] = (),
     ppl: str | Sequence[str] | None = None,
     ppl_file: str | Path | Sequence[str | Path] | None = None,
-    seqlen: int = 2048,
+    seqlen: int | None = None,
     max_windows: int | None = None,
     ppl_batch_size: int = 1,
     num_fewshot: int | None = None,
@@ -174,6 +176,8 @@ def evaluate(
     evaluating, prefill / decode tokens/s (labelled with the device they were timed on).
     ``baseline=True``: evaluate the dense model the checkpoint ``path_or_model`` was compressed
     from instead (its manifest's ``base_model``); ``extra["baseline_of"]`` names the checkpoint.
+    ``seqlen`` None: the papers' 2048, lowered to the model's context when that is shorter (a note,
+    and ``extra["seqlen_default"]`` records the default that was lowered).
     """
     from .evaluation.efficiency import peak_memory
 
@@ -188,7 +192,7 @@ def evaluate(
     if not ppl_specs and not task_names and not efficiency:
         ppl_specs = ppl_requests("wikitext2")
     batch_size = _parse_batch_size(batch_size)
-    if seqlen < 1:
+    if seqlen is not None and seqlen < 1:
         raise InputError(f"--seqlen must be at least 1, got {seqlen}")
     if limit is not None and (isinstance(limit, bool) or limit <= 0):
         raise InputError(f"--limit must be a positive number of examples (100) or a fraction (0.1), got {limit!r}")
@@ -207,9 +211,11 @@ def evaluate(
     with meter as peak:
         model, tok, info, folder = _load(path_or_model, tokenizer, device=dev, dtype=dtype, revision=revision)
         if ppl_specs:
-            from .models.context import check_seqlen
+            from .models.context import fit_seqlen
 
-            check_seqlen(model, seqlen)
+            seqlen, lowered = fit_seqlen(model, seqlen, DEFAULT_PPL_SEQLEN)
+            if lowered is not None:
+                extra["seqlen_default"] = lowered
         result = EvalResult(model=info, device=str(dev), extra=extra,
                             dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
         for key, spec in ppl_specs.items():

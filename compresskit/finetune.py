@@ -22,7 +22,7 @@ import math
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +35,8 @@ from .lowrank.layer import LowRankLinear
 from .training_state import PeakMemory, load_train_state, save_train_state, state_dir_for, training_memory_bytes
 
 Progress = Callable[[str, int, int, str], None]
+#: WeLore's fine-tuning window; an unset --seqlen is this, fitted to the model's context.
+DEFAULT_SEQLEN = 512
 NOTHING_TO_TRAIN = ("nothing to fine-tune: the checkpoint has no low-rank factors or condensed experts; compress it "
                     "with --method welore (without --merge) or --method cdmoe first")
 
@@ -47,7 +49,10 @@ class FinetuneSettings:
     steps: int
     lr: float = 5e-5
     batch_size: int = 4
-    seqlen: int = 512
+    #: None: ``DEFAULT_SEQLEN`` (WeLore's 512), lowered to the model's context when shorter; the
+    #: default that was lowered is then recorded as ``seqlen_default``
+    seqlen: int | None = None
+    seqlen_default: int | None = None
     #: None: ``default_warmup(steps)`` = min(100, 10 % of the steps), resolved at construction.
     warmup: int | None = None
     min_lr_ratio: float = 0.1
@@ -63,7 +68,7 @@ class FinetuneSettings:
     save_every: int = 100
 
     # Changing these does not change the trained weights, so a resumed run may change them.
-    CADENCE = ("grad_checkpointing", "eval_data", "eval_every", "eval_windows", "save_every")
+    CADENCE = ("grad_checkpointing", "eval_data", "eval_every", "eval_windows", "save_every", "seqlen_default")
 
     def __post_init__(self) -> None:
         if self.warmup is None and isinstance(self.steps, int) and not isinstance(self.steps, bool):
@@ -74,6 +79,8 @@ class FinetuneSettings:
             raise InputError("pass --data SOURCE (a calibration source such as file:corpus.jsonl or c4)")
         for name in ("steps", "batch_size", "seqlen", "eval_every", "eval_windows", "save_every"):
             value = getattr(self, name)
+            if name == "seqlen" and value is None:
+                continue  # fitted to the model once it is loaded
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
         if not self.lr > 0:
@@ -278,9 +285,10 @@ def finetune(
 
     t0 = time.perf_counter()
     model, tokenizer = load_with_tokenizer(checkpoint)
-    from .models.context import check_seqlen
+    from .models.context import fit_seqlen
 
-    check_seqlen(model, settings.seqlen)
+    seqlen, lowered = fit_seqlen(model, settings.seqlen, DEFAULT_SEQLEN)
+    settings = replace(settings, seqlen=seqlen, seqlen_default=lowered)
     trainable = trainable_parameters(model, source_manifest)
     if not trainable:
         raise InputError(NOTHING_TO_TRAIN)

@@ -12,9 +12,16 @@ output is refused with one line (``OutputError``, exit 2) when it
   but is of another kind (``eval --json ck/compresskit.json``);
 * is the same path as another output of the same command (``--json X --baseline-json X``);
 * cannot be written: its nearest existing parent is not a writable directory;
-* (directories) already exists: only with ``force``, and then only a compresskit checkpoint
-  (holds ``compresskit.json``) or an empty directory is replaced — never the current directory or
-  one of its ancestors.
+* (directories) already exists: only with ``force``, and then only a compresskit checkpoint or an
+  empty directory is replaced — never the current directory or one of its ancestors. A checkpoint
+  is recognised by its manifest's content, not its name (``is_checkpoint_dir``), and is replaced only
+  when everything in it is a file of the checkpoint layout (``CHECKPOINT_LAYOUT``) or an output
+  compresskit recognises as its own: a foreign file inside it (notes, a script, a folder) refuses
+  the replacement rather than being deleted with it (``check_replaceable``).
+
+Every path an option reads is an input: ``option_inputs`` walks option values (method options
+included), so a path option (``--from-order``) needs no registration of its own. Plots go through
+``OutputGuard.png`` and are written with ``save_png``.
 
 How compresskit recognises a file it wrote (content, not name):
 
@@ -30,6 +37,7 @@ full, permissions) into ``OutputError``. This module imports nothing of compress
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -55,6 +63,19 @@ _LOADER_FILES = {
     "preprocessor_config.json", "processor_config.json", "tokenizer.model",
 }
 _MAX_JSON_BYTES = 64 << 20
+#: What a checkpoint directory holds (``save_checkpoint``: weights, index, config, tokenizer, manifest);
+#: ``check_replaceable`` deletes nothing else but compresskit's own results files.
+CHECKPOINT_LAYOUT = (
+    MANIFEST_NAME, "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+    "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+    "sentencepiece.bpe.model", "*.tiktoken", "chat_template.jinja", "chat_template.json",
+    "preprocessor_config.json", "processor_config.json",
+)
+#: The manifest fields (and their JSON types) every compresskit checkpoint has.
+_MANIFEST_FIELDS = {"format_version": int, "created": str, "base_model": str, "method": str, "versions": dict}
+#: The ``Software`` text chunk of every PNG compresskit draws.
+PNG_METADATA = {"Software": PNG_SOFTWARE}
 
 
 def _abs(path: str | os.PathLike) -> Path:
@@ -65,8 +86,73 @@ def _within(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def _is_checkpoint_dir(path: Path) -> bool:
-    return (path / MANIFEST_NAME).is_file()
+def is_checkpoint_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a compresskit checkpoint, by content: its ``compresskit.json`` is a JSON
+    object with the manifest's fields and types, written by compresskit (``written_by``, or the
+    compresskit version that ``versions`` records). Any file that is merely named so is not."""
+    manifest = _json_object(Path(path) / MANIFEST_NAME) if Path(path).is_dir() else None
+    if manifest is None:
+        return False
+    for name, kind in _MANIFEST_FIELDS.items():
+        value = manifest.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return False
+    return str(manifest.get("written_by", "")).startswith(WRITTEN_BY) or "compresskit" in manifest["versions"]
+
+
+_is_checkpoint_dir = is_checkpoint_dir
+
+
+def _layout_file(entry: Path) -> bool:
+    return entry.is_file() and not entry.is_symlink() and any(fnmatch.fnmatchcase(entry.name, p) for p in CHECKPOINT_LAYOUT)
+
+
+def _own_output(entry: Path) -> bool:
+    return entry.is_file() and not entry.is_symlink() and any(written_by_compresskit(entry, kind) for kind in KINDS)
+
+
+def check_replaceable(out: Path, label: str | None = None) -> None:
+    """Refuse (``OutputError``) to replace the existing directory ``out`` unless it is empty or a
+    compresskit checkpoint holding only files of the checkpoint layout and compresskit's own
+    results / reports / plots. Foreign files are never deleted with a checkpoint: the replacement is
+    refused and the first such file named (move it away, or choose another directory)."""
+    what = label or str(out)
+    try:
+        entries = sorted(out.iterdir())
+    except OSError as exc:
+        raise OutputError(f"cannot replace {what}: {exc.strerror or exc}") from None
+    if not entries:
+        return
+    if not is_checkpoint_dir(out):
+        raise OutputError(
+            f"output {out} exists and is neither a compresskit checkpoint nor empty; choose a new directory "
+            "(--force only replaces an earlier checkpoint)"
+        )
+    foreign = [e for e in entries if not (_layout_file(e) or _own_output(e))]
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise OutputError(
+            f"output {out} is a compresskit checkpoint but also holds {foreign[0].name}{more}, which compresskit "
+            "did not write; --force never deletes such files: move them away or choose a new directory"
+        )
+
+
+def option_inputs(*values) -> list[str]:
+    """Every string or path inside option values (dicts, lists, tuples and sets walked), for an
+    ``OutputGuard``'s inputs: a path that any option reads (``--calib file:...``, ``--from-order``,
+    future path options of a method config) is then an input no output may be, hold or lie in,
+    with no registration of its own. Strings naming no existing path are ignored by ``add_input``."""
+    found: list[str] = []
+    stack = list(values)
+    while stack:
+        value = stack.pop(0)
+        if isinstance(value, dict):
+            stack[:0] = list(value.values())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            stack[:0] = list(value)
+        elif isinstance(value, (str, os.PathLike)):
+            found.append(os.fspath(value))
+    return found
 
 
 def _describe_input(path: Path) -> str:
@@ -227,12 +313,7 @@ class OutputGuard:
         if out.exists() or out.is_symlink():
             if not out.is_dir():
                 raise OutputError(f"output {out} exists and is not a directory")
-            replaceable = _is_checkpoint_dir(out) or not any(out.iterdir())
-            if not replaceable:
-                raise OutputError(
-                    f"output {out} exists and is neither a compresskit checkpoint nor empty; choose a new directory "
-                    "(--force only replaces an earlier checkpoint)"
-                )
+            check_replaceable(out)
             if not force:
                 raise OutputError(f"output {out} already exists; pass --force to replace it")
             check_writable(out, "output")
@@ -240,6 +321,21 @@ class OutputGuard:
             check_writable(out, "output")
         self._claim(out, label, is_dir=True)
         return out
+
+    def png(self, path: str | os.PathLike, *, flag: str = "--plot") -> Path:
+        """The PNG file a ``--plot`` option will write (``analyze --plot``, ``inspect --plot``): a name
+        without a suffix gets ``.png`` (callers report the real path), a directory or another suffix
+        is refused, then the path is checked as a ``png`` file output (``file``)."""
+        text = os.fspath(path)
+        candidate = Path(text).expanduser()
+        if candidate.is_dir() or text.endswith(("/", os.sep)):
+            raise OutputError(f"{flag} {text} is a directory; give a PNG file such as "
+                              f"{candidate.with_name(candidate.name + '.png')}")
+        if not candidate.suffix:
+            candidate = candidate.with_name(candidate.name + ".png")
+        elif candidate.suffix.lower() != ".png":
+            raise OutputError(f"{flag} writes a PNG image; give a .png file name, got {text}")
+        return self.file(candidate, kind="png", flag=flag)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -260,6 +356,29 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_png(fig, path: str | os.PathLike, *, dpi: int = 110, flag: str = "--plot") -> Path:
+    """Write a matplotlib figure as a PNG marked as compresskit's (``PNG_METADATA``), atomically
+    (temporary sibling, then rename); ``OSError`` becomes one ``OutputError`` line."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, dpi=dpi, format="png", metadata=PNG_METADATA)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"cannot write {flag} {path}: {exc.strerror or exc}") from None
     except BaseException:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)

@@ -80,7 +80,7 @@ class Stage(BaseModel):
 class Evaluation(_Strict):
     ppl: list[str] = Field(default_factory=list)
     ppl_files: list[str] = Field(default_factory=list)
-    seqlen: int = Field(2048, ge=1)
+    seqlen: int | None = Field(None, ge=1)  # None: 2048, or the model's context when shorter
     max_windows: int | None = Field(None, ge=1)
     ppl_batch_size: int = Field(1, ge=1)
     tasks: list[str] = Field(default_factory=list)

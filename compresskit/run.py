@@ -80,12 +80,12 @@ def stage_dirs(recipe: Recipe) -> list[Path]:
 
 def _check_outputs(recipe: Recipe) -> None:
     """Every checkpoint and file the recipe writes, against everything it reads, before any work."""
-    from .outputs import OutputGuard
+    from .outputs import OutputGuard, option_inputs
 
     calib = recipe.calibration.source
     ev = recipe.evaluation
     baseline_file = recipe.baseline if recipe.baseline.endswith(".json") else None
-    guard = OutputGuard([recipe.model, recipe.source, calib if calib and calib.startswith("file:") else None,
+    guard = OutputGuard([recipe.model, recipe.source, *option_inputs(calib, [s.method_options for s in recipe.stages]),
                          *ev.ppl_files, *ev.task_files, baseline_file])
     for path in stage_dirs(recipe):
         guard.directory(path, force=recipe.force, flag="")

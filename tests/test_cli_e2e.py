@@ -252,4 +252,5 @@ def test_method_calibration_defaults_are_the_papers(monkeypatch):
     monkeypatch.setattr(api, "build_job", fake_build_job)
     with pytest.raises(SystemExit):
         api.prune("smollm2-135m", "finercut", method_options={"remove": 0.25}, device="cpu")
-    assert (seen["calib"], seen["nsamples"], seen["seqlen"]) == ("wikitext2", 10, 256)
+    # seqlen: unset (None), so the method's default is fitted to the model's context once it is loaded
+    assert (seen["calib"], seen["nsamples"], seen["seqlen"], seen["default_seqlen"]) == ("wikitext2", 10, None, 256)

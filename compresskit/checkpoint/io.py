@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..models.weight_files import LOAD_ERRORS, check_safetensors_files, describe_load_error
-from ..outputs import HOST, OutputGuard, current_umask, remove_dead_process_dirs
+from ..outputs import HOST, OutputGuard, check_replaceable, current_umask, remove_dead_process_dirs
 from .manifest import MANIFEST_NAME, Manifest
 
 # kind -> function(model, entry) that replaces modules so the saved tensors fit again.
@@ -53,7 +53,8 @@ def check_output_dir(out_dir: str | Path, force: bool, input_path: str | Path | 
 
     The rules are ``compresskit.outputs.OutputGuard.directory``'s: never an input (``input_path``,
     ``inputs``: model, calibration file, ...), inside one or holding one; an existing directory
-    only with ``force`` and only when it is a compresskit checkpoint or empty; never the current
+    only with ``force`` and only when it is empty or a compresskit checkpoint (by content) holding
+    nothing but the checkpoint layout and compresskit's own results (``check_replaceable``); never the current
     directory or an ancestor of it; the parent must be writable.
     """
     return OutputGuard([input_path, *inputs]).directory(out_dir, force=force, flag="")
@@ -88,8 +89,7 @@ def atomic_directory(out_dir: str | Path, force: bool = False):
         if out.exists():
             if not force:
                 raise CheckpointError(f"output {out} already exists; pass --force to replace it")
-            if not (out / MANIFEST_NAME).is_file() and any(out.iterdir()):
-                raise CheckpointError(f"output {out} is neither a compresskit checkpoint nor empty; not replacing it")
+            check_replaceable(out)  # again at the end: by content, and never with files the layout does not name
             trash = out.parent / f".{out.name}.old-{HOST}-{os.getpid()}"
             os.replace(out, trash)
             os.replace(tmp, out)

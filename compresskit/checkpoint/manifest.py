@@ -36,6 +36,8 @@ def library_versions() -> dict[str, str]:
 
 class Manifest(BaseModel):
     format_version: int = FORMAT_VERSION
+    #: with the fields' types, how ``outputs.is_checkpoint_dir`` tells a checkpoint from a file merely named compresskit.json
+    written_by: str = "compresskit"
     created: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     base_model: str
     revision: str | None = None

@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory (written atomically)."),
         lr: float = typer.Option(5e-5, help="Peak learning rate (WeLore: 5e-5)."),
         batch_size: int = typer.Option(4, help="Windows per step."),
-        seqlen: int = typer.Option(512, help="Tokens per window."),
+        seqlen: Optional[int] = typer.Option(None, help="Tokens per window [default: 512, or the model's context when shorter]."),
         warmup: Optional[int] = typer.Option(None, help="Linear warmup steps, <= --steps [default: min(100, 10% of --steps)]."),
         min_lr_ratio: float = typer.Option(0.1, help="Cosine decays to this fraction of --lr."),
         weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),

@@ -10,9 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import InputError
+from ..outputs import save_png
 
 
 def plot_removed(details: dict, path: str | Path, title: str = "") -> Path:
+    """Draw the removal record to the PNG ``path`` (checked first with ``OutputGuard.png``: it is
+    written as compresskit's own plot, atomically, a write failure one ``OutputError`` line)."""
     rows = details.get("per_layer")
     order = details.get("order")
     if not isinstance(rows, list) or not isinstance(order, list):
@@ -54,8 +57,7 @@ def plot_removed(details: dict, path: str | Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    try:
+        return save_png(fig, Path(path), dpi=120, flag="--plot")
+    finally:
+        plt.close(fig)

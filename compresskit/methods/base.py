@@ -44,19 +44,37 @@ class PruneJob:
     exclude: str | None = None
     pruner_options: dict = field(default_factory=dict)
     progress: Callable[[str, int, int, str], None] | None = None  # (phase, done, total, label)
+    #: False: ``calibration.seqlen`` is a default, lowered to the model's context by ``fit_calibration``
+    seqlen_given: bool = True
+    #: the default ``fit_calibration`` lowered (recorded as ``calibration.seqlen_default``), else None
+    seqlen_default: int | None = None
     _calibration_data: Any = None
+    _calibration_fitted: bool = False
+
+    def fit_calibration(self):
+        """The calibration spec with its length fitted to the model (``models.context.fit_seqlen``):
+        a given ``--seqlen`` is checked, a default is lowered to the model's context with a note.
+        Idempotent; call it before anything reads ``calibration.seqlen`` (memory plan, loading)."""
+        if self.calibration is None:
+            raise InputError("this method needs calibration data; pass --calib")
+        if not self._calibration_fitted:
+            import dataclasses
+
+            from ..models.context import fit_seqlen
+
+            seqlen = self.calibration.seqlen
+            fitted, self.seqlen_default = fit_seqlen(self.model, seqlen if self.seqlen_given else None, seqlen)
+            self.calibration = dataclasses.replace(self.calibration, seqlen=fitted)
+            self._calibration_fitted = True
+        return self.calibration
 
     def calibration_data(self):
         """Load (once) and return the calibration samples."""
         if self._calibration_data is None:
             from ..calibration import load_calibration
 
-            from ..models.context import check_seqlen
-
-            if self.calibration is None:
-                raise InputError("this method needs calibration data; pass --calib")
-            check_seqlen(self.model, self.calibration.seqlen)  # before any calibration compute
-            self._calibration_data = load_calibration(self.calibration, self.tokenizer)
+            spec = self.fit_calibration()  # before any calibration compute
+            self._calibration_data = load_calibration(spec, self.tokenizer)
         return self._calibration_data
 
 

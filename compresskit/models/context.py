@@ -5,6 +5,12 @@ and perplexities (learned positions index out of range; RoPE models leave the le
 trained on). The check runs once the config is loaded and before any heavy compute. A model
 configured to extrapolate (RoPE scaling: linear, dynamic, YaRN, llama3, longrope, ...) only gets
 a warning, since going past the original length is what that configuration is for.
+
+A length the user did not give is never an error: ``fit_seqlen`` takes ``min(default, the
+model's context)`` (the reference codes use the model's own length), says so in one ``note:``
+line (``CompressKitNote``) and reports the default it lowered, which callers record (manifest
+``calibration.seqlen_default``, results ``extra.seqlen_default``). Every command resolves its
+unset ``--seqlen`` here.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from ..errors import CompressKitWarning, InputError
+from ..errors import CompressKitNote, CompressKitWarning, InputError
 
 #: Config attributes naming the longest sequence, in the order families use them.
 POSITION_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_sequence_length", "max_seq_len", "seq_length")
@@ -60,3 +66,19 @@ def check_seqlen(model_or_config: Any, seqlen: int, flag: str = "--seqlen") -> N
                       f"relying on its {scaling} RoPE scaling to extrapolate", CompressKitWarning, stacklevel=2)
         return
     raise InputError(f"{flag} {seqlen} is above the model's max_position_embeddings {limit}; use {flag} {limit} or less")
+
+
+def fit_seqlen(model_or_config: Any, seqlen: int | None, default: int, flag: str = "--seqlen") -> tuple[int, int | None]:
+    """(the length to use, the default it replaced or None).
+
+    ``seqlen`` given: it is checked (``check_seqlen``) and used. Unset: ``default``, lowered to the
+    model's declared context when that is shorter, with one note saying so."""
+    if seqlen is not None:
+        check_seqlen(model_or_config, seqlen, flag)
+        return seqlen, None
+    limit = max_positions(model_or_config)
+    if limit is None or default <= limit:
+        return default, None
+    warnings.warn(f"{flag} not given: using {limit}, the model's max_position_embeddings, instead of the default "
+                  f"{default}", CompressKitNote, stacklevel=2)
+    return limit, default
