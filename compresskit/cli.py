@@ -399,6 +399,8 @@ def _show_our_warnings_as_lines() -> None:
     previous = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CompressKitWarning) and not _speaks():
+            return  # under torchrun every rank meets the same warning: rank 0 prints it
         if issubclass(category, CompressKitWarning):
             kind = "note" if issubclass(category, CompressKitNote) else "warning"
             err_console.print(f"{kind}: {message}", soft_wrap=True)
@@ -429,28 +431,89 @@ def _broken_pipe_is_not_an_error() -> None:
     Console.on_broken_pipe = on_broken_pipe  # the hook rich documents for overriding
 
 
+def _speaks() -> bool:
+    """Whether this process prints errors, warnings and notes. Under ``torchrun`` every rank meets
+    the same user error: rank 0 prints it once, the others exit with the same code silently.
+    ``RANK`` is what ``engine.distributed.rank()`` reads too (torchrun sets it for every rank); read
+    here directly so that an option error needs no torch."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (torchrun stops the surviving ranks with it, as do schedulers and ``kill``), raised in
+    the main thread like Ctrl-C: every clean-up SIGINT runs (temporary checkpoint folders, spills)
+    runs for it too."""
+
+
+_terminated = False  # set by the SIGTERM handler: typer reports any KeyboardInterrupt as exit code 130
+
+
+def _raise_terminated(signum, frame) -> None:
+    import signal
+
+    global _terminated
+    _terminated = True
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    raise Terminated
+
+
+def _exit_interrupted() -> None:
+    what, code = ("terminated", 143) if _terminated else ("interrupted", 130)
+    if _speaks():
+        err_console.print(f"{what}; nothing was written in place of the output", markup=False)
+    sys.exit(code)
+
+
+def _sigterm_like_sigint():
+    """Install the SIGTERM handler; the previous one (to restore), or None off the main thread."""
+    import signal
+
+    try:
+        return signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread of the interpreter (an embedding application)
+        return None
+
+
 def main() -> None:
+    import signal
+
+    global _terminated
+    _terminated = False
+    previous_sigterm = _sigterm_like_sigint()
+    try:
+        _main()
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _main() -> None:
     click_exc = _click_exceptions()
     _quiet_libraries()
     _broken_pipe_is_not_an_error()
     try:
         # standalone_mode=False: usage errors reach us, so they too are one line and exit 2.
         code = app(standalone_mode=False)
+        if code == 130:  # typer turns a KeyboardInterrupt (Ctrl-C, Terminated) into this code
+            _exit_interrupted()
         sys.exit(code if isinstance(code, int) else 0)
     except click_exc.NoArgsIsHelpError as exc:
         print(exc.ctx.get_help() if exc.ctx else str(exc))
         sys.exit(0)
     except click_exc.UsageError as exc:
         path = exc.ctx.command_path if exc.ctx is not None else "compresskit"
-        err_console.print(f"error: {exc.format_message()} (see: {path} --help)", highlight=False, markup=False,
-                          soft_wrap=True)
+        if _speaks():
+            err_console.print(f"error: {exc.format_message()} (see: {path} --help)", highlight=False, markup=False,
+                              soft_wrap=True)
         sys.exit(2)
     except CompressKitError as exc:
-        err_console.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
+        if _speaks():
+            err_console.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        err_console.print("interrupted; nothing was written in place of the output", markup=False)
-        sys.exit(130)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside typer's call: the same clean-up ran on the way here
+        _exit_interrupted()
     except BrokenPipeError:
         _exit_on_closed_stdout()
     except SystemExit as exc:
