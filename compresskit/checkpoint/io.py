@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..models.weight_files import LOAD_ERRORS, check_safetensors_files, describe_load_error
+from ..models.weight_files import LOAD_ERRORS, check_safetensors_files, describe_load_error, refuse_missing_weights
 from ..outputs import HOST, OutputGuard, check_replaceable, current_umask, remove_dead_process_dirs
 from .manifest import MANIFEST_NAME, Manifest
 
@@ -173,7 +173,8 @@ def load_with_tokenizer(path: str | Path, device: str = "cpu", dtype=None, with_
     check_safetensors_files(path, CheckpointError, "checkpoint")
     with _quiet_transformers():
         try:
-            model = _auto_class(AutoConfig.from_pretrained(path)).from_pretrained(path, **kwargs)
+            model, info = _auto_class(AutoConfig.from_pretrained(path)).from_pretrained(
+                path, output_loading_info=True, **kwargs)
         except LOAD_ERRORS as exc:
             raise CheckpointError(f"cannot load {path}: {describe_load_error(exc)}") from None
     if manifest is not None and manifest.structure:
@@ -191,14 +192,17 @@ def load_with_tokenizer(path: str | Path, device: str = "cpu", dtype=None, with_
             raise CheckpointError(
                 f"{path}: the manifest's structure disagrees with the stored weights: {describe_load_error(exc)}"
             ) from None
-        tied = set(getattr(model, "_tied_weights_keys", None) or [])
-        missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
-        if missing or unexpected:
+        tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # the config's ties, not the class's
+        missing = [k for k in missing if k not in tied]
+        if unexpected:
             raise CheckpointError(
                 f"{path}: weights do not match the manifest's structure (missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
+        refuse_missing_weights(missing, path, CheckpointError, "checkpoint", model.config)
         if hasattr(model, "tie_weights"):
             model.tie_weights()
+    else:
+        refuse_missing_weights(info["missing_keys"], path, CheckpointError, "checkpoint", model.config)
     model.config.use_cache = False
     model.eval().to(device)
     try:

@@ -19,20 +19,25 @@ same transformers machinery, so the tensors are bit-identical to what ``from_pre
 A plain forward of the model still works: every block materialises itself for its own call
 (forward pre-hook) and releases afterwards, so the model behaves like a normal one, only slower.
 Anything this cannot reproduce exactly (``.bin`` / GGUF weights, quantized or remote-code
-models, block tensors missing from the checkpoint, shape mismatches) raises ``LazyUnsupported``
-with the reason; the caller then loads in memory and records why.
+models, shape mismatches) raises ``LazyUnsupported`` with the reason; the caller then loads in
+memory and records why. A tensor the weight files lack is an error (``ModelLoadError`` from
+``weight_files.refuse_missing_weights``, the check the in-memory loaders run too), never a random
+initialisation.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from copy import deepcopy
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..errors import ModelLoadError
 from .lazy_store import ATTR, LazyStore, OriginalSource, lazy_ref, store_of
+from .weight_files import refuse_missing_weights
 
 from ..compat import causal_lm_class, internal, method, problems, safetensors_dtype
 LOADING_LAZY = "lazy"
@@ -70,6 +75,17 @@ class _Files:
         # keep each block's pages resident in this process after it was read (RSS ≈ model size), and
         # writes into mmap-backed tensors would show through later reads of the same source.
         self.handles = {f: safe_open(f, framework="pt", backend="pread") for f in sorted(set(key_to_file.values()))}
+        self.identity = {f: _file_identity(f) for f in self.handles}
+
+    def check_unchanged(self) -> None:
+        """Stop (one line) when a shard was replaced or rewritten since it was opened: the blocks read
+        before and after would come from different weights. Run before every block read."""
+        for f, identity in self.identity.items():
+            if _file_identity(f) != identity:
+                raise ModelLoadError(
+                    f"the model's weight file {f} changed while it was being read (size, modification time or "
+                    "inode differ from the start of the run); stopped so that no mix of old and new weights is "
+                    "compressed or saved: run again once the file is complete")
 
     def slice(self, key: str):
         return self.handles[self.key_to_file[key]].get_slice(key)
@@ -77,6 +93,14 @@ class _Files:
     def meta(self, key: str) -> torch.Tensor:
         s = self.slice(key)
         return torch.empty(s.get_shape(), dtype=safetensors_dtype(s.get_dtype()), device="meta")
+
+
+def _file_identity(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def _model_class(config, trust_remote_code: bool):
@@ -250,7 +274,7 @@ def load_lazily(directory: str | Path, dtype: torch.dtype | None = None, structu
     block_keys = {k for k in meta_sd if k.startswith(blocks_prefix)}
     non_persistent = {k for k, _ in model.named_non_persistent_buffers()} if hasattr(model, "named_non_persistent_buffers") else set()
 
-    store = LazyStore(lambda i: plan.convert(recipes[i], model), spill_root)
+    store = LazyStore(lambda i: plan.convert(recipes[i], model), spill_root, check_sources=files.check_unchanged)
     covered: set[str] = set()
     for i, first in enumerate(recipes):
         for target, value in plan.convert(first, model, meta=True).items():
@@ -259,9 +283,7 @@ def load_lazily(directory: str | Path, dtype: torch.dtype | None = None, structu
                 raise LazyUnsupported(f"{target}: checkpoint shape {tuple(value.shape)} does not fit the model")
             setattr(tensor, ATTR, store.ref(OriginalSource(i, target)))
             covered.add(target)
-    missing = sorted(k for k in block_keys - covered if k not in non_persistent)
-    if missing:
-        raise LazyUnsupported(f"block tensors missing from the checkpoint (e.g. {missing[0]}): loaded in memory")
+    refuse_missing_weights(block_keys - covered - non_persistent, directory, ModelLoadError, "model", model.config)
 
     state = {k: files.slice(k) for k in outside_keys}
     if structure:  # a checkpoint with replaced modules stores the model's own keys
@@ -272,6 +294,7 @@ def load_lazily(directory: str | Path, dtype: torch.dtype | None = None, structu
     if loading_info.mismatched_keys or loading_info.unexpected_keys:
         raise LazyUnsupported(f"non-block tensors do not fit the model ({sorted(loading_info.mismatched_keys or loading_info.unexpected_keys)[:1]})")
     _finalise_non_block(model, load_config, loading_info, block_keys)
+    refuse_missing_weights(loading_info.missing_keys - block_keys, directory, ModelLoadError, "model", model.config)
     not_lazy = [k for k, t in model.state_dict(keep_vars=True).items() if t.is_meta and lazy_ref(t) is None]
     if not_lazy:
         raise LazyUnsupported(f"{not_lazy[0]} could not be placed: loaded in memory")

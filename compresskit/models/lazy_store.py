@@ -25,6 +25,12 @@ Design (the contract of ``models.placement.onload`` for a model whose blocks sta
   Tensors that were real before the context (moved, not materialised) return to their home
   device unchanged.
 
+**The sources must not change underneath.** Before a block's first read from the checkpoint,
+the store asks the loader to confirm its weight files are the ones it opened (size, modification
+time, inode: ``models.lazy._Files.check_unchanged``); a shard overwritten during the run stops it
+with one line instead of mixing old and new weights. A spill that cannot be written (disk full, a
+folder that cannot be created) is one line too; either way the spills made so far are deleted.
+
 Spill files are reference-counted and deleted when nothing points to them any more. The spill
 directory (``.compresskit-spill-HOST-PID-*``, made at the first spill) lives under the store's
 ``spill_root``: ``api.prune`` puts it beside the output checkpoint (the disk that must hold the
@@ -59,9 +65,12 @@ import torch
 from torch import nn
 
 from ..compat import tensor_version
+from ..errors import OutputError
 from ..outputs import HOST, remove_dead_process_dirs
+from .weight_files import SafetensorError
 
 ATTR = "_compresskit_lazy"
+_SOURCES_CHECKED = "sources checked"  # a key of materialise's read cache (recipe keys are ints)
 
 
 SPILL_PREFIX = ".compresskit-spill-"
@@ -175,8 +184,11 @@ class LazyStore:
     ``from_pretrained`` would (see ``models.lazy``).
     """
 
-    def __init__(self, read_recipe: Callable[[int], dict[str, torch.Tensor]], spill_root: str | Path | None = None):
+    def __init__(self, read_recipe: Callable[[int], dict[str, torch.Tensor]], spill_root: str | Path | None = None,
+                 check_sources: Callable[[], None] | None = None):
         self._read_recipe = read_recipe
+        #: raises when the files the recipes read changed since loading; run before each block's first read
+        self._check_sources = check_sources
         #: where the spill directory goes (made at the first spill); None: ``default_spill_root()``
         self.spill_root = Path(spill_root) if spill_root is not None else None
         self.spill_dir: str | None = None
@@ -194,8 +206,14 @@ class LazyStore:
     def _spill_directory(self) -> str:
         if self.spill_dir is None:
             root = self.spill_root or default_spill_root()
-            root.mkdir(parents=True, exist_ok=True)
-            self.spill_dir = tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{HOST}-{os.getpid()}-", dir=root)
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                self.spill_dir = tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{HOST}-{os.getpid()}-", dir=root)
+            except OSError as exc:
+                hint = f", set {SPILL_DIR_ENV}" if self.spill_root is None else ""
+                raise OutputError(f"cannot create a spill folder under {root} ({exc.strerror or exc}): a lazily "
+                                  f"loaded model spills its changed blocks there; make it writable{hint} or use "
+                                  "--load in-memory") from None
             weakref.finalize(self, shutil.rmtree, self.spill_dir, True)
         return self.spill_dir
 
@@ -224,6 +242,14 @@ class LazyStore:
                 return handle.get_tensor(source.key)
         if cache is not None and source.recipe in cache:
             return cache[source.recipe][source.target]
+        if self._check_sources is not None and (cache is None or not cache.get(_SOURCES_CHECKED)):
+            try:
+                self._check_sources()
+            except Exception:
+                self.discard_spills()  # the run stops: what it spilled can never be used
+                raise
+            if cache is not None:
+                cache[_SOURCES_CHECKED] = True
         values = self._read_recipe(source.recipe)
         if cache is not None:
             cache[source.recipe] = values
@@ -325,8 +351,14 @@ class LazyStore:
             keys[id(tensor)] = key = f"t{len(tensors)}"
             tensors[key] = value
         tmp = path + ".tmp"
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
+        try:
+            save_file(tensors, tmp)
+            os.replace(tmp, path)
+        except (OSError, SafetensorError) as exc:  # disk full, folder removed: the run cannot go on
+            self.discard_spills()
+            reason = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise OutputError(f"cannot spill a changed block of the lazily loaded model to {self.spill_dir} "
+                              f"({reason}); free space there or use --load in-memory") from None
         tensors.clear()
         self.spilled_tensors += len(keys)
         for owner, kind, name, tensor, _ in items:

@@ -20,7 +20,12 @@ import torch
 from compresskit.errors import InputError, ModelLoadError
 from compresskit.hub import offline_forced
 from compresskit.models.builtin import builtin_model_dir, is_builtin
-from compresskit.models.weight_files import LOAD_ERRORS, check_safetensors_files, describe_load_error
+from compresskit.models.weight_files import (
+    LOAD_ERRORS,
+    check_safetensors_files,
+    describe_load_error,
+    refuse_missing_weights,
+)
 
 HUB_PROBE_TIMEOUT_S = 5.0
 _DTYPES = {
@@ -183,12 +188,15 @@ def _load_weights(source: str, dtype: torch.dtype | None, common: dict):
     try:
         config = AutoConfig.from_pretrained(source, **common)
         auto = _auto_class(config)
-        return auto.from_pretrained(source, config=config, dtype=dtype or "auto", **common)
+        model, info = auto.from_pretrained(source, config=config, dtype=dtype or "auto", output_loading_info=True,
+                                           **common)
     except ModelLoadError:
         raise
     except (*LOAD_ERRORS, ImportError) as exc:
         hint = " (remote code: pass trust_remote_code=True if you trust it)" if "trust_remote_code" in str(exc) else ""
         raise ModelLoadError(f"cannot load model '{source}': {describe_load_error(exc)}{hint}") from None
+    refuse_missing_weights(info["missing_keys"], source, ModelLoadError, "model", config)
+    return model
 
 
 def _load_tokenizer(source: str, common: dict):
