@@ -66,7 +66,8 @@ def run_cdmoe(job: PruneJob, config: CdmoeConfig) -> MethodResult:
     notes: list[str] = []
     if config.from_order is not None:
         orders = read_orders(config.from_order)
-        notes = check_orders(orders, blocks, config.experts, config.layers, config.shared_gate)
+        notes = check_orders(orders, config.from_order, job.model, job.adapter, blocks, config.experts, config.layers,
+                             config.shared_gate)
     else:
         orders = search_orders(job, config.experts, config.layers, config.shared_gate, config.distance)
     t0 = time.perf_counter()

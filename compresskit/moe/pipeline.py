@@ -4,8 +4,8 @@
 MoE input/output cached for that block only, the greedy expert order, the block's condensed
 candidate), then one ``BlockReplay`` capture and the greedy layer search. ``condense_model``
 replaces the chosen blocks' MoE modules on the model object (inside ``onload``) and picks the
-checkpoint form. The orders are plain JSON (``CdmoeOrders.to_dict``), stored in the manifest, so
-a smaller budget is cut from them without a new search (``--from-order``).
+checkpoint form. The orders are plain JSON (``moe.orders.CdmoeOrders``), stored in the manifest, so
+a smaller budget is cut from them without a new search (``--from-order``, validated by ``moe.orders``).
 
 Under torchrun both passes run on this rank's share of the samples (``collect_expert_stats`` and
 ``BlockReplay`` apply ``engine.distributed.batch_share``); the routing statistics, the shared-gate
@@ -15,47 +15,17 @@ mean and every candidate's distance are reduced over ranks before use (``ExpertS
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
 from ..errors import InputError
 from ..models.placement import onload
 from .condense import build_condensed, shared_gate_mean
+from .orders import CdmoeOrders, check_orders, model_identity, read_orders  # noqa: F401 - read_orders, check_orders: methods.cdmoe
 from .search import greedy_experts, greedy_layers
 from .stats import collect_expert_stats
 from .structure import KIND, declare_dense_layers, padded_dense_mlp, stock_form_problem, structure_entry
-
-
-@dataclass
-class CdmoeOrders:
-    """Greedy orders and the constants needed to rebuild condensed layers (keys: block index as str)."""
-
-    experts_searched: int
-    layers_searched: int
-    shared_gate: str
-    distance: str
-    expert_order: dict[str, list[int]] = field(default_factory=dict)
-    expert_distances: dict[str, list[float]] = field(default_factory=dict)
-    layer_order: list[int] = field(default_factory=list)
-    layer_distances: list[float] = field(default_factory=list)
-    avg_w: dict[str, list[float]] = field(default_factory=dict)
-    shared_gate_mean: dict[str, float | None] = field(default_factory=dict)
-    expert_stats: dict[str, dict] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "CdmoeOrders":
-        try:
-            return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
-        except TypeError as exc:
-            raise InputError(f"--from-order: not CD-MoE orders ({exc})") from None
 
 
 def moe_blocks(adapter) -> list[int]:
@@ -72,6 +42,10 @@ def check_budget(adapter, experts: int, layers: int) -> list[int]:
     fewest = min(adapter.moe(i).num_experts for i in blocks)
     if experts > fewest:
         raise InputError(f"--experts {experts} exceeds the {fewest} routed experts per MoE layer")
+    unshared = [i for i in blocks if adapter.moe(i).shared_experts is None]
+    if experts == 0 and unshared:
+        raise InputError(f"--experts 0 keeps only the shared experts, but the MoE layers of this {adapter.family} model "
+                         f"have none (blocks {unshared}): a condensed layer would output zero; use --experts 1 or more")
     return blocks
 
 
@@ -82,7 +56,7 @@ def search_orders(job, experts: int, layers: int, shared_gate: str, distance: st
     adapter = job.adapter
     blocks = check_budget(adapter, experts, layers)
     calib = job.calibration_data()
-    orders = CdmoeOrders(experts, layers, shared_gate, distance)
+    orders = CdmoeOrders(experts, layers, shared_gate, distance, source_model=model_identity(job.model))
     candidates: dict[int, torch.nn.Module] = {}
 
     def on_layer(ctx, view, hook) -> None:
@@ -116,45 +90,6 @@ def search_orders(job, experts: int, layers: int, shared_gate: str, distance: st
         replay.release()
     orders.timings["layer_search_s"] = time.perf_counter() - t0
     return orders
-
-
-def read_orders(source: str) -> CdmoeOrders:
-    """Orders from a JSON file (``CdmoeOrders.to_dict``) or a CD-MoE checkpoint's manifest."""
-    path = Path(source).expanduser()
-    manifest = path / "compresskit.json" if path.is_dir() else path
-    try:
-        data = json.loads(manifest.read_text())
-    except FileNotFoundError:
-        raise InputError(f"--from-order {source}: no such file or checkpoint") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"--from-order {source}: not JSON ({exc.msg})") from None
-    if "method_details" in data:  # a checkpoint: this stage or an earlier CD-MoE stage
-        records = [data, *reversed(data.get("stages", []))]
-        found = next((r["method_details"].get("orders") for r in records
-                      if r.get("method") == "cdmoe" and r.get("method_details", {}).get("orders")), None)
-        if found is None:
-            raise InputError(f"--from-order {source}: the checkpoint holds no CD-MoE orders")
-        data = found
-    return CdmoeOrders.from_dict(data)
-
-
-def check_orders(orders: CdmoeOrders, blocks: list[int], experts: int, layers: int, shared_gate: str) -> list[str]:
-    """Refuse orders that cannot give this budget; return notes on what was cut."""
-    if layers > len(orders.layer_order):
-        raise InputError(f"--layers {layers}: the stored layer order has only {len(orders.layer_order)} layers")
-    chosen = orders.layer_order[:layers]
-    if any(i not in blocks for i in chosen):
-        raise InputError(f"--from-order: layers {chosen} are not all MoE blocks of this model ({blocks})")
-    for i in chosen:
-        if experts > len(orders.expert_order.get(str(i), [])):
-            raise InputError(f"--experts {experts}: the stored order of block {i} has only "
-                             f"{len(orders.expert_order.get(str(i), []))} experts")
-    notes = []
-    if experts != orders.experts_searched:
-        notes.append(f"layer order searched with {orders.experts_searched} experts per layer, used with {experts}")
-    if shared_gate != orders.shared_gate:
-        notes.append(f"searched with --shared-gate {orders.shared_gate}, applied with {shared_gate}")
-    return notes
 
 
 def condense_model(job, orders: CdmoeOrders, experts: int, layers: int, shared_gate: str,
