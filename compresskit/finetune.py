@@ -19,7 +19,6 @@ checkpoint (a normal compresskit checkpoint, atomic) is written.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -32,7 +31,8 @@ from .checkpoint import Manifest, check_output_dir, load_with_tokenizer, save_ch
 from .errors import InputError
 from .lowrank.finetune_utils import cosine_with_warmup
 from .lowrank.layer import LowRankLinear
-from .training_state import PeakMemory, load_train_state, save_train_state, state_dir_for, training_memory_bytes
+from .training_state import (PeakMemory, load_train_state, remove_train_state, save_train_state, state_dir_for,
+                             training_memory_bytes)
 
 Progress = Callable[[str, int, int, str], None]
 #: WeLore's fine-tuning window; an unset --seqlen is this, fitted to the model's context.
@@ -279,7 +279,7 @@ def finetune(
         if not force:
             raise InputError(f"a training state from an earlier run is at {state_dir}; pass --resume to continue it "
                              "or --force to start over")
-        shutil.rmtree(state_dir)
+        remove_train_state(state_dir)  # its own files only: anything else in it refuses --force
     dev = resolve_device(device)
     out_dtype = resolve_dtype(dtype or "auto") or getattr(torch, source_manifest.dtype or "float32")
 
@@ -352,7 +352,7 @@ def finetune(
         timings={"load_s": load_s, "train_s": train_s},
     ))
     out_path = save_checkpoint(model, tokenizer, out, manifest, force=force)
-    shutil.rmtree(state_dir, ignore_errors=True)
+    remove_train_state(state_dir, strict=False)
     if compare_full:
         manifest.method_details["full_finetune_comparison"] = measure_full_finetune(
             checkpoint, settings, dev, ids, mask, min(compare_steps, settings.steps))

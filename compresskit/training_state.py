@@ -34,6 +34,32 @@ def state_dir_for(out: str | Path) -> Path:
     return out.parent / f"{out.name}.train-state"
 
 
+def remove_train_state(directory: Path, *, strict: bool = True) -> None:
+    """Delete the training state ``directory``: the files ``save_train_state`` writes (``state.pt``
+    and its ``*.tmp`` temporaries), then the folder once empty. Nothing else in it is ever deleted:
+    ``strict`` (``--force`` before a run) refuses with one line naming the first such entry; after a
+    finished run (``strict=False``) those entries simply stay, with the folder."""
+    directory = Path(directory)
+    if directory.is_symlink() or not directory.is_dir():
+        if strict:
+            raise InputError(f"{directory} is not a training state folder; --force does not delete it: move it away")
+        return
+    entries = sorted(directory.iterdir())
+    ours = [e for e in entries if e.is_file() and not e.is_symlink() and (e.name == STATE_FILE or e.name.endswith(".tmp"))]
+    foreign = [e for e in entries if e not in ours]
+    if foreign and strict:
+        raise InputError(f"{directory} also holds {foreign[0].name}, which is not part of a training state; "
+                         "--force never deletes it: move it away")
+    try:
+        for entry in ours:
+            entry.unlink(missing_ok=True)
+        if not foreign:
+            directory.rmdir()
+    except OSError as exc:
+        if strict:
+            raise InputError(f"cannot remove the training state {directory}: {exc.strerror or exc}") from None
+
+
 def training_memory_bytes(trainable: int) -> int:
     """Gradient + optimizer-state bytes of ``trainable`` fp32 parameters under AdamW (weights and
     activations excluded): the part of training memory that LRC-only fine-tuning shrinks."""

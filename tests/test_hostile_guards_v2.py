@@ -7,7 +7,8 @@ Classes, each at its root:
   value above the context stays an error;
 * ``inspect --plot`` goes through the guard every ``--plot`` uses (``OutputGuard.png``);
 * ``--force`` recognises a checkpoint by its manifest's content and never deletes a file the
-  checkpoint layout does not name: it refuses (``outputs.check_replaceable``);
+  checkpoint layout does not name: it refuses (``outputs.check_replaceable``); the same for
+  finetune's ``OUT.train-state`` folder (``training_state.remove_train_state``);
 * every path an option reads is an input of the guard (``outputs.option_inputs``), ``--from-order``
   included.
 
@@ -206,6 +207,13 @@ ROWS = [
                         f"model: {c.model}\ndevice: cpu\noutput: {c.tmp}/ck\nstages: [{{method: magnitude, sparsity: 0.5}}]\n"
                         f"evaluation: {{ppl_files: [\"{c.text}\"], seqlen: 16, max_windows: 1}}\n")),
         needle="also holds todo.md"),
+    Row("finetune --force over a training-state folder holding a foreign file",
+        ["finetune", "{welore}", "--data", "file:{long}", "--steps", "1", "--seqlen", "16", "--out", "{tmp}/ft",
+         "--force", *CPU], setup=_then(_write("ft.train-state/state.pt", b"old"), _write("ft.train-state/notes.txt", "x")),
+        needle="also holds notes.txt, which is not part of a training state"),
+    Row("finetune --force with a file named like the training state",
+        ["finetune", "{welore}", "--data", "file:{long}", "--steps", "1", "--seqlen", "16", "--out", "{tmp}/ft",
+         "--force", *CPU], setup=_write("ft.train-state", "my file"), needle="is not a training state folder"),
     # -- every path an option reads is an input: --from-order
     Row("--from-order CK --out CK --force", [*CDMOE, "--from-order", "{tmp}/cd", "--out", "{tmp}/cd", "--force"],
         setup=_copy("cdmoe", "cd"), patch=_not_called, needle="is the input checkpoint"),
