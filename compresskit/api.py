@@ -190,6 +190,7 @@ def prune(
         **result.config,
     }
     base_model, stages = _previous_stages(model)
+    structure = _structure(model_obj, result)
     manifest = Manifest(
         base_model=str(base_model or _provenance_name(model_name)),
         stages=stages,
@@ -206,8 +207,8 @@ def prune(
             "decoder_linear": measured["decoder_linear_params"],
             "decoder_linear_nonzero": measured["decoder_linear_params"] - measured["decoder_linear_zeros"],
         },
-        structure=[*_inherited_structure(stages), *result.structure],
-        loadable_with_transformers=not (result.structure or _inherited_structure(stages)),
+        structure=structure,
+        loadable_with_transformers=not structure,
         form_reason=result.form_reason,
         dtype=str(next(model_obj.parameters()).dtype).removeprefix("torch."),
         timings={"load_s": load_s, "method_s": method_s, **result.timings},
@@ -283,9 +284,16 @@ def build_job(
     )
 
 
-def _inherited_structure(stages: list[dict]) -> list[dict]:
-    """Module replacements of the input checkpoint stay in the output (its tensors are saved as they are)."""
-    return list(stages[-1].get("structure", [])) if stages else []
+def _structure(model_obj, result) -> list[dict]:
+    """The output's module replacements, read off the model (``checkpoint.describe_structure``):
+    the input checkpoint's and this stage's, renumbered and merged as the model now holds them."""
+    from .checkpoint.io import describe_structure
+
+    structure = describe_structure(model_obj)
+    missing = {e.get("kind") for e in result.structure} - {e["kind"] for e in structure}
+    if missing:  # a method replaced modules of a kind that cannot be read back: a bug, not a user error
+        raise RuntimeError(f"structure kind(s) {sorted(missing)} are not described by the model's modules")
+    return structure
 
 
 def _torch_dtype(name: str) -> torch.dtype:

@@ -31,14 +31,40 @@ from .manifest import MANIFEST_NAME, Manifest
 
 # kind -> function(model, entry) that replaces modules so the saved tensors fit again.
 _STRUCTURE_KINDS: dict[str, Callable[[nn.Module, dict], None]] = {}
+# kind -> (order, function(model) -> the entry for the model as it is now, or None when the kind is absent)
+_STRUCTURE_DESCRIBERS: dict[str, tuple[int, Callable[[nn.Module], dict | None]]] = {}
 
 
-def register_structure_kind(kind: str):
+def register_structure_kind(kind: str, describe: Callable[[nn.Module], dict | None] | None = None, order: int = 0):
+    """Register the loader of ``kind`` and the function that reads its entry off a model.
+
+    ``order``: entries are listed, and so installed on load, in ascending order: 0 for kinds
+    that replace whole sublayers (condensed MoE, removed sublayers), 1 for kinds that replace
+    linears inside them (low rank).
+    """
     def deco(fn):
         _STRUCTURE_KINDS[kind] = fn
+        if describe is not None:
+            _STRUCTURE_DESCRIBERS[kind] = (order, describe)
         return fn
 
     return deco
+
+
+def describe_structure(model: nn.Module) -> list[dict]:
+    """The manifest's ``structure`` for ``model`` as it is now, read off its modules.
+
+    This is the one source of the record: whatever a chain of methods did (blocks deleted and
+    renumbered, more sublayers removed, layers condensed after a factorisation), the entries name
+    the modules by their current paths and block indices, so the checkpoint rebuilds exactly.
+    """
+    _import_structure_kinds()
+    entries = []
+    for kind, (_, describe) in sorted(_STRUCTURE_DESCRIBERS.items(), key=lambda item: (item[1][0], item[0])):
+        entry = describe(model)
+        if entry:
+            entries.append(entry)
+    return entries
 
 
 def known_structure_kinds() -> set[str]:

@@ -23,7 +23,19 @@ def structure_entry(attention: list[int], mlp: list[int]) -> dict:
     return {"kind": KIND, "attention": sorted(int(i) for i in attention), "mlp": sorted(int(i) for i in mlp)}
 
 
-@register_structure_kind(KIND)
+def describe_removed_sublayers(model: nn.Module) -> dict | None:
+    """The entry for the stubs the model holds now, by current block index (None without stubs)."""
+    from compresskit.depth.removal import removed_kinds
+    from compresskit.models import get_adapter
+
+    adapter = get_adapter(model)
+    kinds = {i: removed_kinds(adapter, i) for i in range(adapter.num_blocks)}
+    attention = [i for i, k in kinds.items() if "attention" in k]
+    mlp = [i for i, k in kinds.items() if "mlp" in k]
+    return structure_entry(attention, mlp) if attention or mlp else None
+
+
+@register_structure_kind(KIND, describe=describe_removed_sublayers)
 def install_removed_sublayers_structure(model: nn.Module, entry: dict) -> None:
     from compresskit.depth.removal import install_removed_sublayers
     from compresskit.models import get_adapter

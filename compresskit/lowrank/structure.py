@@ -14,7 +14,7 @@ from torch import nn
 
 from compresskit.checkpoint.io import register_structure_kind
 from compresskit.errors import CheckpointError
-from compresskit.lowrank.layer import install_lowrank_shells
+from compresskit.lowrank.layer import LowRankLinear, install_lowrank_shells
 
 KIND = "lowrank"
 
@@ -30,7 +30,14 @@ def rank_map_of(entry: dict) -> dict[str, int]:
     return dict(ranks)
 
 
-@register_structure_kind(KIND)
+def describe_lowrank(model: nn.Module) -> dict | None:
+    """The entry for the ``LowRankLinear`` modules the model holds now (None without any)."""
+    ranks = {name: int(m.rank) for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    return {"kind": KIND, "ranks": ranks} if ranks else None
+
+
+# order 1: the factorised linears may sit inside modules that other kinds rebuild first
+@register_structure_kind(KIND, describe=describe_lowrank, order=1)
 def install_lowrank_structure(model: nn.Module, entry: dict) -> None:
     """Swap the mapped ``nn.Linear`` modules for zero-filled ``LowRankLinear`` shells."""
     install_lowrank_shells(model, rank_map_of(entry))

@@ -45,7 +45,13 @@ def structure_entry(model: nn.Module, layers: dict[str, CondensedMoE]) -> dict:
                        for path, m in layers.items()}}
 
 
-@register_structure_kind(KIND)
+def describe_condensed(model: nn.Module) -> dict | None:
+    """The entry for the :class:`CondensedMoE` layers the model holds now (None without any)."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, CondensedMoE)}
+    return structure_entry(model, layers) if layers else None
+
+
+@register_structure_kind(KIND, describe=describe_condensed)
 def install_condensed_shells(model: nn.Module, entry: dict) -> None:
     """Replace each listed MoE block by a zero-filled :class:`CondensedMoE` of the recorded sizes."""
     layers = entry.get("layers")
