@@ -86,13 +86,33 @@ def _normalised(outlier_ratios: Sequence[float], top: float) -> np.ndarray | Non
     return (d - d.min()) / spread * top
 
 
-def allocate_owl(outlier_ratios: Sequence[float], sparsity: float, lam: float) -> list[float]:
+def budget_mean(values: np.ndarray, sizes: Sequence[int] | None) -> float:
+    """The mean a budget is taken over: each block weighted by its parameters ``sizes``.
+
+    Blocks of equal size (the papers' dense models; ``sizes`` None) use the plain mean, so the
+    reference's arithmetic is kept bit for bit; blocks of unequal size (MoE next to dense blocks,
+    condensed MoE layers, removed sublayers, low-rank factors) use the parameter-weighted mean,
+    so the pruned share of all the parameters is the budget, not the mean of the block shares.
+    """
+    if sizes is None:
+        return float(values.mean())
+    w = np.asarray(sizes, dtype=np.float64)
+    if w.shape != values.shape or not np.all(w > 0):
+        raise ValueError(f"need one positive size per block, got {list(sizes)} for {values.size} blocks")
+    if np.all(w == w[0]):
+        return float(values.mean())
+    return float((values * w).sum() / w.sum())
+
+
+def allocate_owl(outlier_ratios: Sequence[float], sparsity: float, lam: float,
+                 sizes: Sequence[int] | None = None) -> list[float]:
     """One sparsity per block from the blocks' outlier ratios ``D`` (methods.md §3.1).
 
     ``D' = (D − min D) / (max D − min D) · 2λ``, ``density_ℓ = D'_ℓ − mean(D') + (1 − S)``,
-    ``sparsity_ℓ = 1 − density_ℓ``. More outliers ⇒ denser block. The block sparsities average
-    to exactly ``S``, and, blocks having equal sizes, so does the global sparsity; the most and
-    the least protected blocks are ``2λ`` apart.
+    ``sparsity_ℓ = 1 − density_ℓ``. More outliers ⇒ denser block. The mean is weighted by the
+    blocks' parameters ``sizes`` (:func:`budget_mean`; the plain mean when they are equal, as in
+    the reference), so the pruned share of all the blocks' parameters is exactly ``S``; the most
+    and the least protected blocks are ``2λ`` apart.
 
     A ratio ``<= 0`` becomes 0.01, as in the reference pruning loop (the mean then exceeds ``S``
     slightly). The reference has no upper clamp, but a ratio ``>= 1`` would empty a block, so it
@@ -106,7 +126,7 @@ def allocate_owl(outlier_ratios: Sequence[float], sparsity: float, lam: float) -
     spread = _normalised(outlier_ratios, 2.0 * lam)
     if spread is None:
         return [float(sparsity)] * len(outlier_ratios)
-    density = spread - spread.mean() + (1.0 - sparsity)
+    density = spread - budget_mean(spread, sizes) + (1.0 - sparsity)
     ratios = [float(r) if r > 0 else MIN_BLOCK_SPARSITY for r in 1.0 - density]
     if max(ratios) >= 1.0:
         raise InputError(
@@ -116,13 +136,15 @@ def allocate_owl(outlier_ratios: Sequence[float], sparsity: float, lam: float) -
     return ratios
 
 
-def allocate_owl_nm(outlier_ratios: Sequence[float], n: int, m: int, lam: float) -> list[int]:
+def allocate_owl_nm(outlier_ratios: Sequence[float], n: int, m: int, lam: float,
+                    sizes: Sequence[int] | None = None) -> list[int]:
     """Per-block number of zeros in every ``m`` consecutive weights (OWL's N:M variant, §3.1).
 
     ``D' = (D − min D) / (max D − min D) · λ`` (note λ, not 2λ), ``N_ℓ = N − round(D'_ℓ − mean D')``,
-    rounding half to even like ``np.round`` in ``prune_wanda_outlier_structure``. λ is in units of
+    rounding half to even like ``np.round`` in ``prune_wanda_outlier_structure``; the mean is
+    :func:`budget_mean` (parameter-weighted for blocks of unequal ``sizes``). λ is in units of
     "zeros per M": the README's 5:8 with λ=2 gives blocks with 4, 5 or 6 zeros. The mean of ``N_ℓ``
-    need not be ``N``. The reference does not clamp; an ``N_ℓ`` outside ``[0, m)`` is an
+    need not be ``N`` (rounding). The reference does not clamp; an ``N_ℓ`` outside ``[0, m)`` is an
     ``InputError``. All ``D`` equal (the reference divides by zero) gives ``N`` for every block.
     """
     if not 0 < n < m:
@@ -132,7 +154,7 @@ def allocate_owl_nm(outlier_ratios: Sequence[float], n: int, m: int, lam: float)
     spread = _normalised(outlier_ratios, float(lam))
     if spread is None:
         return [n] * len(outlier_ratios)
-    zeros = [n - int(shift) for shift in np.round(spread - spread.mean())]
+    zeros = [n - int(shift) for shift in np.round(spread - budget_mean(spread, sizes))]
     if min(zeros) < 0 or max(zeros) >= m:
         raise InputError(
             f"OWL λ={lam} gives {min(zeros)}..{max(zeros)} zeros per {m}, outside [0, {m}); "

@@ -48,6 +48,18 @@ def outlier_ratios(job: PruneJob, m: float) -> list[float | None]:
     return collect_block_statistics(job, reduce, needs="sq_norm")
 
 
+def block_params(job: PruneJob) -> list[int]:
+    """Each block's targeted decoder-linear parameters (shapes only, no weight read): the weights
+    of the budget, which blocks of unequal size (MoE, condensed, removed sublayers, low rank) need."""
+    from .sparsify import _expert_scope, target_linears
+
+    sizes = []
+    for i in range(job.adapter.num_blocks):
+        with _expert_scope(job, i):
+            sizes.append(sum(module.weight.numel() for module in target_linears(job, i).values()))
+    return sizes
+
+
 def run_owl(job: PruneJob, config: OWLConfig, name: str = "owl") -> MethodResult:
     from ..allocation.owl import allocate_owl, allocate_owl_nm
     from ..pruning import Pattern
@@ -58,10 +70,12 @@ def run_owl(job: PruneJob, config: OWLConfig, name: str = "owl") -> MethodResult
     if not active:
         raise InputError("no decoder linear is left to prune after --include/--exclude")
     Dact = [D[i] for i in active]
+    sizes = block_params(job)
+    size_act = [sizes[i] for i in active]
     n = job.adapter.num_blocks
-    details = {"outlier_ratio_D": D}
+    details = {"outlier_ratio_D": D, "block_params": sizes}
     if job.pattern.kind == "nm":
-        zeros = allocate_owl_nm(Dact, job.pattern.n, job.pattern.m, config.owl_lambda)
+        zeros = allocate_owl_nm(Dact, job.pattern.n, job.pattern.m, config.owl_lambda, size_act)
         patterns = [Pattern.unstructured()] * n
         ratios: list[float] = [0.0] * n
         per_block_n: list[int | None] = [None] * n
@@ -73,7 +87,7 @@ def run_owl(job: PruneJob, config: OWLConfig, name: str = "owl") -> MethodResult
         details["zeros_per_m"] = per_block_n
         result = prune_blocks(job, ratios, patterns)
     else:
-        alloc = allocate_owl(Dact, job.sparsity, config.owl_lambda)
+        alloc = allocate_owl(Dact, job.sparsity, config.owl_lambda, size_act)
         ratios = [0.0] * n
         for i, r in zip(active, alloc):
             ratios[i] = r

@@ -155,7 +155,9 @@ class ModelAdapter:
             block = self.block(i)
             return {n: m for n in self.layout.inline_mlp_linears if isinstance(m := getattr(block, n, None), nn.Linear)}
         mlp = self.block(i).get_submodule(name)
-        excluded = router_and_gate_names(mlp) if is_moe_module(mlp) else set()
+        # the gate of a token-gated shared expert is routing too, also once CD-MoE condensed the layer
+        excluded = (router_and_gate_names(mlp) if is_moe_module(mlp)
+                    else {"shared_expert_gate"} & {n for n, _ in mlp.named_children()})
         found = _linears_under(mlp, name, excluded)
         # Routed experts before shared experts (both see the same input; a stable, documented order).
         shared_prefixes = tuple(f"{name}.{s}." for s in ("shared_expert", "shared_experts"))
