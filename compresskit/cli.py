@@ -202,6 +202,13 @@ def _print_rank_plan(manifest, title: str) -> None:
 
 
 def _print_block_table(manifest, title: str) -> None:
+    from .commands.structural_report import structural_report
+
+    report = structural_report(manifest)  # FinerCut / CD-MoE / REAP: what went, not a table of zeros
+    if report is not None:
+        for item in report:
+            out_console.print(item)
+        return
     if "applied_rank_reduction" in manifest.method_details:
         return _print_rank_plan(manifest, title)
     table = Table(title=title)
@@ -350,13 +357,6 @@ def inspect(
         else "compresskit form (compresskit.load)"
     out_console.print(f"form: {form}" + (f" — {manifest.form_reason}" if manifest.form_reason else ""),
                       markup=False, emoji=False, highlight=False)
-    if "per_layer" in manifest.method_details and "order" in manifest.method_details:
-        d = manifest.method_details
-        out_console.print(
-            f"removed {d['removed']} of {d['num_candidates']} {d['level']} candidates ({d['attention_removed']} attention, "
-            f"{d['mlp_removed']} MLP; {d['blocks_deleted']} blocks deleted): sublayer fraction {d['sublayer_fraction']:.3f}, "
-            f"parameter fraction {d['param_fraction_model']:.3f}; order: "
-            + " ".join(f"{o['type']}{o['block']}" for o in d["order"]), markup=False, emoji=False, highlight=False)
     _print_block_table(manifest, title="per-block sparsity")
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..outputs import save_png
+from .report import PARAM_BASIS, param_fraction
 
 
 def plot_removed(details: dict, path: str | Path, title: str = "") -> Path:
@@ -53,7 +54,7 @@ def plot_removed(details: dict, path: str | Path, title: str = "") -> Path:
     ax2.set_xlabel("step")
     ax2.set_ylabel(f"{details.get('distance', 'distance')}" + (f" ({details['js_form']} form)" if details.get("js_form") else ""))
     ax2.set_title(f"{details.get('level')} level: {details.get('removed')} removed, "
-                  f"{details.get('param_fraction_model', 0):.1%} of parameters", fontsize=9)
+                  f"{param_fraction(details):.1%} of {PARAM_BASIS}", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -115,16 +115,17 @@ def run_finercut(job: PruneJob, config: FinerCutConfig) -> MethodResult:
     from ..depth.candidates import build_candidates
     from ..depth.greedy import OutputScorer, greedy_search
     from ..depth.precision import float32_scoring
-    from ..depth.removal import remove_sublayer, sublayer_swaps
-    from ..depth.report import removal_details
+    from ..depth.removal import remove_sublayer, removed_kinds, sublayer_swaps
+    from ..depth.report import block_params as param_basis, removal_details
     from ..depth.structure import structure_entry
     from ..engine.replay import BlockReplay
 
     adapter = job.adapter
     t0 = time.perf_counter()
     num_level_candidates = len(build_candidates(adapter, config.level))
+    removed_before = {i: kinds for i in range(adapter.num_blocks) if (kinds := removed_kinds(adapter, i))}  # earlier stages
     candidates = build_candidates(adapter, config.level, config.keep)
-    block_params = sum(p.numel() for p in adapter.blocks.parameters())
+    block_params = param_basis(adapter)  # the one basis of --remove-params, the manifest and inspect
     model_params = sum(p.numel() for p in job.model.parameters())
     stop = _stop_rule(job, config, candidates, num_level_candidates, block_params)
     data = job.calibration_data()
@@ -164,7 +165,7 @@ def run_finercut(job: PruneJob, config: FinerCutConfig) -> MethodResult:
     details = removal_details(
         config=config.model_dump(), search=search, num_blocks=num_blocks, num_candidates=num_level_candidates,
         block_params=block_params, model_params=model_params, kept_blocks=kept, per_layer_config=skips,
-        score_dtype=score_dtype, calibration=data, target_params=stop.params,
+        score_dtype=score_dtype, calibration=data, target_params=stop.params, removed_before=removed_before,
     )
     return MethodResult(
         method="finercut", config=config.model_dump(), details=details, structure=structure,
