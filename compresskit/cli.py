@@ -350,7 +350,9 @@ def inspect(
         used = f" → {c.get('source_label') or c.get('source_used')}" if c.get("source_label") or c.get("source_used") else ""
         out_console.print(f"calibration: {c.get('source')}{used} {c.get('format')} {c.get('nsamples')}×{c.get('seqlen')}"
                           + (f" seed {c['seed']}" if c.get("format") != "prefix" and c.get("seed") is not None else "")
-                          + f" (hash {c.get('hash')})")
+                          + f" (hash {c.get('hash')})"
+                          + (f"; --seqlen not given: the default {c['seqlen_default']} lowered to the model's context"
+                             if c.get("seqlen_default") else ""))
     if manifest.structure:
         out_console.print(f"structure: {len(manifest.structure)} replaced module group(s); loads with compresskit.load only")
     form = "stock transformers checkpoint (plain from_pretrained)" if manifest.loadable_with_transformers \

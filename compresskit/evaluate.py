@@ -64,7 +64,7 @@ def manifest_summary(manifest: Manifest) -> dict:
         "hyperparameters": {k: v for k, v in manifest.hyperparameters.items() if v is not None},
         "sparsity": manifest.sparsity.get("overall"),
         "parameters": dict(manifest.parameters),
-        "calibration": {k: calib[k] for k in ("source", "source_used", "source_label", "format", "nsamples", "seqlen", "seed", "hash") if k in calib}
+        "calibration": {k: calib[k] for k in ("source", "source_used", "source_label", "format", "nsamples", "seqlen", "seqlen_default", "seed", "hash") if k in calib}
         or None,
         "structure_entries": len(manifest.structure),
         "created": manifest.created,

@@ -260,8 +260,8 @@ def test_prune_without_seqlen_fits_the_model_and_records_it(ctx):
     assert _notes(res) == [NOTE.format(default=2048)]
     calibration = json.loads((out / "compresskit.json").read_text())["calibration"]
     assert calibration["seqlen"] == 256 and calibration["seqlen_default"] == 2048
-    shown = run_checked(["inspect", out], exit_code=0, changes=True)
-    assert "2×256" in shown.stdout
+    shown = " ".join(run_checked(["inspect", out], exit_code=0, changes=True).stdout.split())
+    assert "2×256" in shown and "--seqlen not given: the default 2048 lowered to the model's context" in shown
 
 
 def test_a_default_that_fits_is_left_alone(ctx):
