@@ -22,9 +22,15 @@ from .outputs import PNG_METADATA, OutputGuard, save_png  # noqa: F401 - PNG_MET
 _METRICS: dict[str, Callable[..., dict]] = {}
 
 
-def register_metric(name: str):
+_METRIC_OPTIONS: dict[str, tuple[str, ...]] = {}
+
+
+def register_metric(name: str, options: tuple[str, ...] = ()):
+    """Register ``fn(job, options)`` as ``--metric name``; ``options`` are the keys it reads (any other
+    option given is refused before the model is loaded, never silently ignored)."""
     def deco(fn):
         _METRICS[name] = fn
+        _METRIC_OPTIONS[name] = tuple(options)
         return fn
 
     return deco
@@ -45,12 +51,13 @@ def _load_metric_modules() -> None:
             pass
 
 
-@register_metric("owl")
+@register_metric("owl", options=("owl_m", "owl_lambda"))
 def _owl(job, options: dict) -> dict:
     from .allocation.owl import allocate_owl
-    from .methods.owl import OWLConfig, outlier_ratios
+    from .methods import get_method
+    from .methods.owl import outlier_ratios
 
-    cfg = OWLConfig(**{k: v for k, v in options.items() if k in OWLConfig.model_fields and v is not None})
+    cfg = get_method("owl").make_config(options, context="--metric owl")
     D = outlier_ratios(job, cfg.owl_m)
     active = [d for d in D if d is not None]
     ratios = allocate_owl(active, job.sparsity, cfg.owl_lambda) if job.sparsity is not None else None
@@ -62,12 +69,13 @@ def _owl(job, options: dict) -> dict:
     }
 
 
-@register_metric("alpha")
+@register_metric("alpha", options=("alpha_epsilon", "alpha_metric", "alpha_mapping"))
 def _alpha(job, options: dict) -> dict:
     from .allocation.alpha import allocate_alpha
-    from .methods.alphapruning import AlphaConfig, matrix_alphas
+    from .methods import get_method
+    from .methods.alphapruning import matrix_alphas
 
-    cfg = AlphaConfig(**{k: v for k, v in options.items() if k in AlphaConfig.model_fields and v is not None})
+    cfg = get_method("alphapruning").make_config(options, context="--metric alpha")
     names, blocks, numels, alphas = matrix_alphas(job, cfg.alpha_metric)
     n = job.adapter.num_blocks
     block_alpha = []
@@ -101,6 +109,10 @@ def analyze(model: str | Any, metric: str, *, sparsity: float | None = 0.7, opti
     if sparsity is not None and not 0 <= sparsity < 1:
         raise InputError(f"--sparsity must be in [0, 1), got {sparsity}")
     options = dict(options or {})
+    stray = [k for k, v in options.items() if v is not None and k not in _METRIC_OPTIONS[metric]]
+    if stray:
+        flags = ", ".join("--" + k.replace("_", "-") for k in stray)
+        raise InputError(f"{flags} {'does' if len(stray) == 1 else 'do'} not apply to --metric {metric}")
     inputs = [model if isinstance(model, str) else None, job_kwargs.get("calib")]
     if plot is not None:
         plot = check_plot_path(plot, inputs)

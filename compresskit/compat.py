@@ -18,7 +18,8 @@ What each group is for:
   ``meta``; ``Tensor._version`` (in-place modification counter) tells a lazily loaded block whose
   tensors were not modified, so it can be released without a copy.
 * **typer** — Typer ≥ 0.24 vendors click as ``typer._click`` (older releases use click itself).
-* **lm-eval** — its task-YAML reader (``!function`` tags) to read a task file's name.
+* **lm-eval** — its task-YAML reader (``!function`` tags) to read a task file's name; the
+  evaluator's ``git describe`` of the current folder, replaced while it runs (``evaluation/lmeval.py``).
 
 Formats are not internals: the safetensors dtype names (:func:`safetensors_dtypes`) are the file
 format's specification, not a library's private table.
@@ -76,6 +77,8 @@ INTERNALS: dict[str, Internal] = {
         Internal("torch", "torch.nn", "Module._apply", "moving a lazily loaded model (meta tensors stay)"),
         Internal("typer", "typer._click", "exceptions", "usage errors turned into one line (Typer >= 0.24)"),
         Internal("lm-eval", "lm_eval.tasks._yaml_loader", "load_yaml", "reading a task file's name"),
+        Internal("lm-eval", "lm_eval.evaluator", "get_git_commit_hash",
+                 "eval --tasks: not asking git for the current folder's commit (its 'fatal:' line)"),
     ]
 }
 

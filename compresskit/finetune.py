@@ -1,4 +1,5 @@
-"""``compresskit finetune``: train only the low-rank factors of a compressed checkpoint.
+"""``compresskit finetune``: train only the low-rank factors (WeLore) and the condensed layers
+(CD-MoE: the manifest's ``trainable_modules``) of a compressed checkpoint.
 
 WeLore's "LRC-only" continual fine-tuning (methods.md §6.3): the U / V factors of every
 ``LowRankLinear`` train; dense (N-LRC) matrices, embeddings, norms and the head stay frozen and are
@@ -37,6 +38,9 @@ from .training_state import (PeakMemory, load_train_state, remove_train_state, s
 Progress = Callable[[str, int, int, str], None]
 #: WeLore's fine-tuning window; an unset --seqlen is this, fitted to the model's context.
 DEFAULT_SEQLEN = 512
+#: what finetune trains: WeLore's low-rank factors and CD-MoE's condensed layers
+GIVE_A_CHECKPOINT = ("give a directory written by compresskit prune --method welore (low-rank factors) or "
+                     "--method cdmoe (condensed layers)")
 NOTHING_TO_TRAIN = ("nothing to fine-tune: the checkpoint has no low-rank factors or condensed experts; compress it "
                     "with --method welore (without --merge) or --method cdmoe first")
 
@@ -367,9 +371,9 @@ def _read_input_manifest(checkpoint: Path) -> Manifest:
     from .checkpoint.io import known_structure_kinds
 
     if not checkpoint.exists():
-        raise InputError(f"checkpoint {checkpoint} does not exist; give a directory written by compresskit prune --method welore")
+        raise InputError(f"checkpoint {checkpoint} does not exist; {GIVE_A_CHECKPOINT}")
     if not checkpoint.is_dir():
-        raise InputError(f"checkpoint {checkpoint} is not a directory; give a directory written by compresskit prune --method welore")
+        raise InputError(f"checkpoint {checkpoint} is not a directory; {GIVE_A_CHECKPOINT}")
     manifest = Manifest.read(checkpoint)
     kinds = [entry.get("kind") for entry in manifest.structure]
     unknown = sorted({str(k) for k in kinds if k not in known_structure_kinds()})

@@ -33,7 +33,7 @@ def prune_args(model_dir, calib_file, out, *extra):
     (("--remove", "0.2", "--remove-params", "0.2"), "exactly one of --remove"),
     (("--remove", "0.2", "--level", "layers"), "level"),
     (("--remove", "0.2", "--distance", "cosine"), "distance"),
-    (("--remove", "0.2", "--js-form", "reverse"), "js_form"),
+    (("--remove", "0.2", "--js-form", "reverse"), "--js-form must be 'code' or 'textbook'"),
     (("--remove", "0.2", "--keep", "."), "nothing left to remove"),
     (("--remove", "0.2", "--keep", "("), "invalid --keep regex"),
     (("--remove", "0.1"), "removes nothing"),  # 2 blocks: int(4 * 0.1) = 0 sublayers

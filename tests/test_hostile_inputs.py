@@ -395,7 +395,7 @@ ROWS = [
     # -- method options
     Row("unknown method", [*PRUNE, "--method", "bogus", "--sparsity", "0.5", "--out", "{tmp}/o"], needle="unknown method"),
     Row("owl-m negative", [*PRUNE, "--method", "owl", "--sparsity", "0.5", "--owl-m", "-1", "--out", "{tmp}/o"],
-        needle="owl_m"),
+        needle="--method owl: --owl-m must be greater than 0 (got -1.0)"),
     Row("owl option with wanda", [*PRUNE, "--method", "wanda", "--sparsity", "0.5", "--owl-m", "3", "--out", "{tmp}/o"],
         needle="--owl-m does not apply"),
     Row("welore rank reduction 1.5", [*PRUNE, "--method", "welore", "--rank-reduction", "1.5", "--out", "{tmp}/o"],

@@ -1,4 +1,5 @@
-"""``compresskit finetune``: train only the low-rank factors (U, V) of a WeLore checkpoint."""
+"""``compresskit finetune``: train only the low-rank factors (U, V) of a WeLore checkpoint and the
+condensed layers of a CD-MoE checkpoint (the modules its manifest names as trainable)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def _mib(n: int | None) -> str:
 def register(app: typer.Typer) -> None:
     @app.command()
     def finetune(
-        checkpoint: Path = typer.Argument(..., help="A compresskit checkpoint with low-rank factors (prune --method welore)."),
+        checkpoint: Path = typer.Argument(..., help="A compresskit checkpoint with low-rank factors (prune --method welore) or condensed MoE layers (prune --method cdmoe)."),
         data: List[str] = typer.Option(..., "--data", help="Training text: any calibration source (c4, file:PATH, hf:...); repeat to mix."),
         steps: int = typer.Option(..., help="Optimizer steps."),
         out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory (written atomically)."),
@@ -48,7 +49,7 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ):
-        """Fine-tune only the low-rank factors (everything else frozen) and write a new checkpoint."""
+        """Fine-tune only WeLore's low-rank factors and CD-MoE's condensed layers (everything else frozen) and write a new checkpoint."""
         from ..finetune import FinetuneSettings, finetune as run
 
         settings = FinetuneSettings(
@@ -67,9 +68,9 @@ def register(app: typer.Typer) -> None:
         if quiet:
             return
         console = make_console()
-        table = Table(title=f"LRC-only fine-tune → {outcome.out}")
+        table = Table(title=f"fine-tune of {outcome.manifest.hyperparameters.get('trainable', 'trainable modules')} → {outcome.out}")
         table.add_column("")
-        table.add_column("low-rank factors only", justify="right")
+        table.add_column("trained modules only", justify="right")
         table.add_column("full fine-tune", justify="right")
         estimate = summary["memory_estimate_bytes"]
         full = summary.get("full_finetune_comparison") or {}

@@ -78,6 +78,9 @@ def build_candidates(adapter, level: str, keep: str | None = None) -> list[Candi
             pattern = re.compile(keep)
         except re.error as exc:
             raise InputError(f"invalid --keep regex {keep!r}: {exc}") from None
+        if out and not any(pattern.search(c.name) for c in out):  # a typo would protect nothing, silently
+            raise InputError(f"--keep {keep!r} matches no candidate at --level {level}; their names look like "
+                             f"{out[0].name} ... {out[-1].name}")
         out = [c for c in out if not pattern.search(c.name)]
     if not out:
         raise InputError(f"nothing left to remove at --level {level}" + (f" after --keep {keep!r}" if keep else ""))

@@ -15,6 +15,7 @@ be comparable (methods.md §11.3: "store the metric key per task and the lm-eval
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -293,6 +294,34 @@ def _samples(raw: Mapping) -> dict[str, list[dict]]:
 
 
 # ----------------------------------------------------------------------------- entry point
+@contextmanager
+def quiet_lm_eval():
+    """While lm-eval runs, our output replaces its own: its log lines (a model passed as an object,
+    a default few-shot overwritten) are kept to errors; its tqdm bars reach a terminal but not a file
+    or a pipe (as our bars: the plain progress lines stand for them there); and it does not ask git
+    for the current folder's commit (meaningless for our results; outside a checkout git printed
+    "fatal: not a git repository")."""
+    import contextlib
+    import logging
+    import os
+    import sys
+    from unittest import mock
+
+    from compresskit.compat import internal
+
+    internal("lm_eval.evaluator.get_git_commit_hash")  # one line naming the versions if it is gone
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch("lm_eval.evaluator.get_git_commit_hash", lambda: None))
+        if not (getattr(sys.stderr, "isatty", None) and sys.stderr.isatty()):
+            stack.enter_context(contextlib.redirect_stderr(stack.enter_context(open(os.devnull, "w"))))
+        logger.setLevel(logging.ERROR)
+        stack.callback(logger.setLevel, level)
+        yield
+
+
+@quiet_lm_eval()
 def run_lm_eval(
     model: torch.nn.Module,
     tokenizer,

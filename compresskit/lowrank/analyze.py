@@ -79,18 +79,13 @@ def per_block_fractions(plan: WeLorePlan, blocks: list[int], num_blocks: int) ->
 
 def _validate(config_cls, rank_reduction: float, min_ratio: float) -> None:
     """The same checks (and one-line messages) as ``prune --method welore``."""
-    from pydantic import ValidationError
+    from compresskit.methods import get_method
 
-    from compresskit.errors import InputError
-
-    try:
-        config_cls(rank_reduction=rank_reduction, min_ratio=min_ratio)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise InputError(f"--metric spectrum: option {first['loc'][0]}: {first['msg']}") from None
+    get_method("welore").make_config({"rank_reduction": rank_reduction, "min_ratio": min_ratio},
+                                     context="--metric spectrum")
 
 
-@register_metric("spectrum")
+@register_metric("spectrum", options=("rank_reduction", "min_ratio", "profile_points", "plot"))
 def spectrum_metric(job, options: dict) -> dict:
     """Per-matrix normalised spectra and the WeLore rank plan they give (options: rank_reduction,
     min_ratio, profile_points, plot)."""

@@ -104,9 +104,10 @@ class MethodEntry:
     #: (keys of CALIBRATION_DEFAULTS: calib, format, nsamples, seqlen)
     calibration_defaults: dict = field(default_factory=dict)
 
-    def make_config(self, options: dict) -> MethodConfig:
+    def make_config(self, options: dict, context: str | None = None) -> MethodConfig:
         """This method's config from the options given (None = unset). A bad value is one
-        ``InputError`` in our words, naming the option by its flag (``errors.pydantic_message``)."""
+        ``InputError`` in our words, naming the option by its flag (``errors.pydantic_message``),
+        after ``context`` (default ``--method NAME``)."""
         from pydantic import ValidationError
 
         from ..errors import pydantic_message
@@ -119,8 +120,9 @@ class MethodEntry:
             fields = self.config_cls.model_fields
             if err["loc"] and err["loc"][0] in fields and not message.startswith("--"):
                 message = f"{option_flag(err['loc'][0], fields[err['loc'][0]])} {message}"
-            if not message.startswith(f"--method {self.name} "):
-                message = f"--method {self.name}: {message}"
+            context = context or f"--method {self.name}"
+            if not message.startswith(f"{context} "):
+                message = f"{context}: {message}"
             raise InputError(message) from None
 
     def calibration_setting(self, name: str, given):

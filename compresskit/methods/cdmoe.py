@@ -20,6 +20,7 @@ import time
 
 from pydantic import Field, field_validator
 
+from ..errors import InputError
 from .base import MethodConfig, MethodResult, PruneJob, register
 
 
@@ -63,6 +64,9 @@ def run_cdmoe(job: PruneJob, config: CdmoeConfig) -> MethodResult:
     from ..moe.pipeline import check_budget, check_orders, condense_model, read_orders, search_orders
 
     blocks = check_budget(job.adapter, config.experts, config.layers)
+    if config.shared_gate == "constant" and not any(job.adapter.moe(i).shared_expert_gate is not None for i in blocks):
+        raise InputError(f"--shared-gate constant folds a gated shared expert (Qwen-MoE's); this {job.adapter.family} "
+                         "model has none, so it would change nothing: drop --shared-gate")
     notes: list[str] = []
     if config.from_order is not None:
         orders = read_orders(config.from_order)

@@ -16,7 +16,7 @@ from ..errors import InputError
 from .stats import collect_expert_stats
 
 
-@register_metric("experts")
+@register_metric("experts", options=("plot",))
 def expert_report(job, options: dict) -> dict:
     adapter = job.adapter
     if not any(adapter.is_moe(i) for i in range(adapter.num_blocks)):

@@ -51,7 +51,9 @@ def router_groups(config) -> int:
 
 
 def check_removal(num_experts: int, remove: int, top_k: int, groups: int = 1, topk_group: int | None = None) -> None:
-    """Refuse a removal that leaves fewer experts than top_k (or than a group-limited router needs)."""
+    """Refuse, from the config alone (before any calibration), a removal that leaves fewer experts than
+    top_k, that a group-limited router cannot split evenly over its groups, or that leaves the groups
+    it picks from too small to hold top_k experts."""
     left = num_experts - remove
     if remove < 1:
         raise InputError(f"--remove-experts removes round(fraction × {num_experts}) = {remove} experts per layer; "
@@ -59,9 +61,18 @@ def check_removal(num_experts: int, remove: int, top_k: int, groups: int = 1, to
     if left < top_k:
         raise InputError(f"removing {remove} of {num_experts} experts per layer leaves {left} < top_k = {top_k}; "
                          f"the router picks {top_k} experts per token")
-    if groups > 1 and topk_group and (left // groups) * topk_group < top_k:
-        raise InputError(f"removing {remove} experts leaves {left // groups} per group; the router's "
-                         f"{topk_group} groups then hold fewer than top_k = {top_k}")
+    if groups > 1:
+        size = num_experts // groups
+        if remove % groups:
+            fits = [r for r in range(groups, num_experts, groups) if num_experts - r >= top_k]
+            hint = (f"; e.g. --remove-experts {min(fits, key=lambda r: abs(r - remove)) / num_experts:g}" if fits else "")
+            raise InputError(f"removing {remove} of {num_experts} experts per layer: the router scores {groups} groups "
+                             f"of {size} experts (n_group) and every group must lose the same number, so remove a "
+                             f"multiple of {groups}{hint}")
+        if topk_group and (left // groups) * topk_group < top_k:
+            raise InputError(f"removing {remove} of {num_experts} experts leaves {left // groups} per group; the router "
+                             f"picks its top_k = {top_k} experts only from the best topk_group = {topk_group} of its "
+                             f"{groups} groups, which would then hold {(left // groups) * topk_group} < {top_k}")
 
 
 @torch.no_grad()
