@@ -435,12 +435,15 @@ def _broken_pipe_is_not_an_error() -> None:
 
 def _speaks() -> bool:
     """Whether this process prints errors, warnings and notes. Under ``torchrun`` every rank meets
-    the same user error: rank 0 prints it once, the others exit with the same code silently.
-    ``RANK`` is what ``engine.distributed.rank()`` reads too (torchrun sets it for every rank); read
-    here directly so that an option error needs no torch."""
+    the same user error: rank 0 prints it once, the others exit with the same code silently. The
+    environment is read as ``engine.distributed.launched()`` / ``rank()`` read it (torchrun sets all
+    four variables for every rank), here directly so that an option error needs no torch; a stray
+    ``RANK`` outside torchrun silences nothing."""
     import os
 
-    return os.environ.get("RANK", "0") == "0"
+    env = os.environ
+    launched = all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")) and env["WORLD_SIZE"] != "1"
+    return not launched or env["RANK"] == "0"
 
 
 class Terminated(KeyboardInterrupt):

@@ -38,31 +38,42 @@ def test_torchrun_user_error_is_one_line_from_rank_0(tmp_path):
 
 
 def test_only_rank_0_prints_errors_and_warnings(monkeypatch, tiny_model_dir, tmp_path):
-    """The rule itself, for any error (here one found after the model is loaded) and for warnings."""
+    """The rule itself, for errors and warnings: silent only on a torchrun rank other than 0 (all of
+    torchrun's variables set); a stray RANK in the environment of a plain run silences nothing."""
+    import io
     import warnings
 
+    from compresskit import cli
     from compresskit.errors import CompressKitWarning
 
-    args = ["prune", "--model", str(tiny_model_dir("llama")), "--method", "wanda", "--sparsity", "0.5",
-            "--calib", f"file:{tmp_path / 'missing.jsonl'}", "--out", str(tmp_path / "o"), "--device", "cpu", "--quiet"]
-    monkeypatch.setenv("RANK", "1")
+    args = ["prune", "--model", str(tiny_model_dir("llama")), "--method", "wanda", "--sparsity", "1.5",
+            "--out", str(tmp_path / "o"), "--device", "cpu", "--quiet"]
+    cli._show_our_warnings_as_lines()
+
+    def warn() -> str:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            cli.err_console.file = err = io.StringIO()
+            try:
+                warnings.warn("a warning", CompressKitWarning)
+            finally:
+                cli.err_console.file = sys.stderr
+        return err.getvalue()
+
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}.items():
+        monkeypatch.setenv(name, value)
     res = run_cli(*args)
-    assert (res.exit_code, res.stderr) == (2, "")
+    assert (res.exit_code, res.stderr) == (2, "") and warn() == ""
     monkeypatch.setenv("RANK", "0")
     res = run_cli(*args)
-    assert res.exit_code == 2 and res.stderr.startswith("error: ") and len(res.stderr.splitlines()) == 1
-    from compresskit import cli
-
-    cli._show_our_warnings_as_lines()
-    monkeypatch.setenv("RANK", "1")
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        cli.err_console.file = err = __import__("io").StringIO()
-        try:
-            warnings.warn("rank 1 says this", CompressKitWarning)
-        finally:
-            cli.err_console.file = sys.stderr
-    assert err.getvalue() == ""
+    assert res.exit_code == 2 and res.stderr.startswith("error: --sparsity must be in [0, 1)"), res.stderr
+    assert len(res.stderr.splitlines()) == 1 and warn() == "warning: a warning\n"
+    for name in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("RANK", "1")  # no torchrun: this process speaks
+    res = run_cli(*args)
+    assert res.exit_code == 2 and res.stderr.startswith("error: "), res.stderr
+    assert warn() == "warning: a warning\n"
 
 
 # ----------------------------------------------------------------------------- SIGTERM = SIGINT
