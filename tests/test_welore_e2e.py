@@ -164,7 +164,7 @@ def test_uniform_baseline_prunes_every_matrix_by_the_same_fraction(tiny_model_di
         (["--rank-reduction", "0"], "--rank-reduction must be in (0, 1)"),
         ([], "needs --rank-reduction"),
         (["--rank-reduction", "0.05", "--min-ratio", "0.9"], "no matrix qualifies"),
-        (["--rank-reduction", "0.5", "--min-ratio", "1.5"], "min_ratio"),
+        (["--rank-reduction", "0.5", "--min-ratio", "1.5"], "--min-ratio must be less than 1 (got 1.5)"),
         (["--rank-reduction", "0.5", "--sparsity", "0.5"], "do not apply to --method welore"),
     ],
 )
