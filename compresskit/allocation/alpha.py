@@ -73,7 +73,7 @@ def xmin_peak_candidates(eigs: torch.Tensor) -> list[int]:
     semantics: equal-width bins, the maximum counted in the last bin, first bin on ties). Tried:
     ``i = 0..N−2`` with ``λ_i ≤ 1.5·xmin2``, stopping at the first larger one, and skipping
     ``λ_i < log10(0.95·xmin2)``. That lower bound compares a raw eigenvalue with a *log* value;
-    a reference quirk kept on purpose for parity with the published α values (§5.1, §13.7).
+    a reference quirk kept on purpose for parity with the published α values (methods.md §5.1).
     """
     log10 = torch.log10(eigs)
     lo, hi = log10.min().item(), log10.max().item()
