@@ -262,10 +262,6 @@ def eval_(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Evaluate a model or checkpoint: perplexity, lm-eval tasks, efficiency; results as JSON schema v1."""
-    from .commands.result_tables import result_table
-    from .evaluate import base_model_and_revision, evaluate
-    from .evaluation.compare import compare, render_table
-
     if path is not None and model is not None and not baseline:
         raise InputError("give a checkpoint/model PATH or --model, not both (with --baseline, --model is the dense model)")
     target = path or model
@@ -275,6 +271,10 @@ def eval_(
         parsed_limit = None if limit is None else (float(limit) if "." in limit else int(limit))
     except ValueError:
         raise InputError(f"--limit must be a number of examples (100) or a fraction (0.1), got {limit!r}") from None
+    from .commands.result_tables import result_table  # after the option checks: these import torch
+    from .evaluate import base_model_and_revision, evaluate
+    from .evaluation.compare import compare, render_table
+
     settings = dict(tasks=tasks, task_files=task_file, ppl=ppl, ppl_file=ppl_file, seqlen=seqlen,
                     max_windows=max_windows, ppl_batch_size=ppl_batch_size, num_fewshot=num_fewshot,
                     limit=parsed_limit, batch_size=batch_size, seed=seed, efficiency=efficiency, device=device,

@@ -52,7 +52,8 @@ def test_help_inspect_and_option_errors_import_no_heavy_library(tmp_path):
              ["prune", "--model", "m", "--out", str(tmp_path / "o"), "--method", "wanda", "--owl-m", "3"],
              ["prune", "--model", "m", "--out", str(tmp_path / "o"), "--method", "finercut", "--remove", "1.5"],
              ["prune", "--model", "m", "--method", "wanda"],  # missing --out: a usage error
-             ["eval", "--seqlen", "many"]]
+             ["eval", "--seqlen", "many"],  # a usage error
+             ["eval", str(ckpt), "--limit", "many"], ["eval"]]  # checked by the command before it imports
     report = _probe([list(a) for a in argvs])
     for argv, (code, heavy) in report.items():
         assert code in (0, 2), (argv, code)
