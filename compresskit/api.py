@@ -21,11 +21,11 @@ from .checkpoint import MANIFEST_NAME, Manifest, check_output_dir, load_with_tok
 from .errors import InputError
 from .evaluation.sparsity import count_parameters, measure_sparsity
 from .methods import MethodResult, PruneJob, get_method
+from .methods.base import LOAD_MODES, check_prune_options  # noqa: F401  (LOAD_MODES: also api's name)
 from .models.loading import resolve_device
 from .pruning import PRUNERS, Pattern
 
 Progress = Callable[[str, int, int, str], None]
-LOAD_MODES = ("lazy", "in-memory")
 
 
 @dataclass
@@ -48,22 +48,6 @@ class PruneOutcome:
             "timings": m.timings,
             "calibration": m.calibration,
         }
-
-
-def _validate_common(sparsity: float | None, pattern: str, pruner: str | None, method_entry) -> Pattern:
-    pat = Pattern.parse(pattern)
-    if pruner is not None and pruner not in PRUNERS:
-        raise InputError(f"unknown pruner '{pruner}'; choose one of: {', '.join(sorted(PRUNERS))}")
-    if method_entry.kind == "sparsity":
-        if pat.kind == "unstructured":
-            if sparsity is None:
-                raise InputError("pass --sparsity (a fraction in [0, 1), e.g. 0.5) or an N:M --pattern")
-        if sparsity is not None and not (0.0 <= sparsity < 1.0):
-            raise InputError(f"--sparsity must be in [0, 1), got {sparsity}")
-    elif sparsity is not None or pat.kind != "unstructured" or pruner is not None:
-        # Structural methods (welore) set their own reduction; a silently ignored target would mislead the manifest.
-        raise InputError(f"--sparsity / --pattern / --pruner do not apply to --method {method_entry.name}; drop them")
-    return pat
 
 
 def prune(
@@ -106,22 +90,14 @@ def prune(
     ``load``: ``"lazy"`` (default: decoder blocks stay on disk until used, host RAM ≈ one block; falls
     back to memory with the reason in the manifest) or ``"in-memory"`` (the whole model first)."""
     t_start = time.perf_counter()
-    if load not in LOAD_MODES:
-        raise InputError(f"--load must be one of {', '.join(LOAD_MODES)}, got {load!r}")
     entry = get_method(method)
     calib = entry.calibration_setting("calib", calib)
     calib_format = entry.calibration_setting("format", calib_format)
     nsamples = entry.calibration_setting("nsamples", nsamples)
     default_seqlen = entry.calibration_setting("seqlen", None)  # an unset seqlen: this, fitted to the model
-    pat = _validate_common(sparsity, pattern, pruner, entry)
-    config = _method_config(entry, method_options or {})
-    pruner_name = pruner or entry.default_pruner or "wanda"
-    if entry.default_pruner and pruner and pruner != entry.default_pruner:
-        raise InputError(f"--method {method} implies --pruner {entry.default_pruner}; use --method uniform --pruner {pruner}")
-    if pat.kind == "nm" and sparsity is not None and abs(sparsity - pat.sparsity) > 1e-9:
-        raise InputError(f"--pattern {pat} fixes the sparsity at {pat.sparsity:g}; drop --sparsity {sparsity:g}")
-    for option in (include, exclude):
-        _check_regex(option)
+    pat, config, pruner_name = check_prune_options(entry, sparsity=sparsity, pattern=pattern, pruner=pruner,
+                                                   include=include, exclude=exclude, load=load,
+                                                   method_options=method_options or {})
     model_name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "in-memory")
     if out is not None:  # before any compute: never an input, a foreign directory, the cwd, ...
         from .outputs import option_inputs
@@ -336,21 +312,6 @@ def _resolved_revision(model, model_obj, requested: str | None) -> str | None:
     if is_builtin(model):
         return requested
     return getattr(getattr(model_obj, "config", None), "_commit_hash", None) or requested
-
-
-def _check_regex(pattern: str | None) -> None:
-    import re
-
-    if pattern is None:
-        return
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise InputError(f"invalid module-name regex {pattern!r}: {exc}") from None
-
-
-def _method_config(entry, options: dict):
-    return entry.make_config(options)
 
 
 def load(path: str | Path, device: str = "cpu", dtype=None):

@@ -127,9 +127,11 @@ def prune(
 ):
     """Prune or compress a model and write a checkpoint with a compresskit.json manifest."""
     options = _split_method_options(method, method_options)
-    from . import methods
+    from .methods import get_method
+    from .methods.base import check_prune_options
 
-    methods.get_method(method).make_config(options)  # a bad method option answers before torch is imported
+    check_prune_options(get_method(method), sparsity=sparsity, pattern=pattern, pruner=pruner, include=include,
+                        exclude=exclude, load=load, method_options=options)  # answers before torch is imported
     from . import api
 
     pruner_options = {k: v for k, v in {"blocksize": blocksize, "percdamp": percdamp}.items() if v is not None}

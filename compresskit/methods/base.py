@@ -132,6 +132,48 @@ class MethodEntry:
         return self.calibration_defaults.get(name, CALIBRATION_DEFAULTS[name])
 
 
+#: ``--load``: lazy (blocks stay on disk until used) or in-memory
+LOAD_MODES = ("lazy", "in-memory")
+
+
+def check_prune_options(entry: MethodEntry, *, sparsity: float | None, pattern: str, pruner: str | None,
+                        include: str | None, exclude: str | None, load: str, method_options: dict):
+    """Every ``prune`` option that can be checked from its value alone, before anything is loaded
+    (the CLI calls it before torch is imported; ``api.prune`` for Python callers):
+    ``(parsed pattern, method config, pruner name)``."""
+    import re
+
+    from ..pruning import PRUNERS, Pattern
+
+    if load not in LOAD_MODES:
+        raise InputError(f"--load must be one of {', '.join(LOAD_MODES)}, got {load!r}")
+    pat = Pattern.parse(pattern)
+    if pruner is not None and pruner not in PRUNERS:
+        raise InputError(f"unknown pruner '{pruner}'; choose one of: {', '.join(sorted(PRUNERS))}")
+    if entry.kind == "sparsity":
+        if pat.kind == "unstructured":
+            if sparsity is None:
+                raise InputError("pass --sparsity (a fraction in [0, 1), e.g. 0.5) or an N:M --pattern")
+        if sparsity is not None and not (0.0 <= sparsity < 1.0):
+            raise InputError(f"--sparsity must be in [0, 1), got {sparsity}")
+    elif sparsity is not None or pat.kind != "unstructured" or pruner is not None:
+        # Structural methods (welore) set their own reduction; a silently ignored target would mislead the manifest.
+        raise InputError(f"--sparsity / --pattern / --pruner do not apply to --method {entry.name}; drop them")
+    config = entry.make_config(method_options)
+    if entry.default_pruner and pruner and pruner != entry.default_pruner:
+        raise InputError(f"--method {entry.name} implies --pruner {entry.default_pruner}; "
+                         f"use --method uniform --pruner {pruner}")
+    if pat.kind == "nm" and sparsity is not None and abs(sparsity - pat.sparsity) > 1e-9:
+        raise InputError(f"--pattern {pat} fixes the sparsity at {pat.sparsity:g}; drop --sparsity {sparsity:g}")
+    for regex in (include, exclude):
+        if regex is not None:
+            try:
+                re.compile(regex)
+            except re.error as exc:
+                raise InputError(f"invalid module-name regex {regex!r}: {exc}") from None
+    return pat, config, pruner or entry.default_pruner or "wanda"
+
+
 def option_flag(field_name: str, info) -> str:
     """The CLI flag of a config field: ``json_schema_extra={"flag": ...}``, else ``--field-name``."""
     extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}

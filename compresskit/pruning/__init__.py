@@ -10,24 +10,35 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from importlib import import_module
 from types import MappingProxyType
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from compresskit.errors import InputError
-from compresskit.pruning.magnitude import magnitude_prune_, magnitude_scores
-from compresskit.pruning.masks import matrix_mask, nm_mask, pattern_mask, row_mask
 from compresskit.pruning.pattern import Pattern, check_divisible, validate_sparsity
-from compresskit.pruning.precision import full_fp32_matmul
-from compresskit.pruning.sparsegpt import (
-    SparseGPTResult,
-    sparsegpt_prune_,
-    sparsegpt_reconstruct_,
-    upper_cholesky_of_inverse,
-)
-from compresskit.pruning.stats import HessianStat, SquaredNormStat
-from compresskit.pruning.wanda import wanda_prune_, wanda_scores
+
+if TYPE_CHECKING:
+    import torch
+
+    from compresskit.pruning.stats import HessianStat, SquaredNormStat
+
+#: The tensor maths, imported on first use (PEP 562): ``Pattern``, ``PRUNERS`` and their names
+#: validate options without importing torch (the CLI answers option errors at once).
+_LAZY = {
+    "magnitude_prune_": "magnitude", "magnitude_scores": "magnitude",
+    "matrix_mask": "masks", "nm_mask": "masks", "pattern_mask": "masks", "row_mask": "masks",
+    "full_fp32_matmul": "precision",
+    "SparseGPTResult": "sparsegpt", "sparsegpt_prune_": "sparsegpt", "sparsegpt_reconstruct_": "sparsegpt",
+    "upper_cholesky_of_inverse": "sparsegpt",
+    "HessianStat": "stats", "SquaredNormStat": "stats",
+    "wanda_prune_": "wanda", "wanda_scores": "wanda",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 StatKind = Literal["none", "sq_norm", "hessian"]
 
@@ -49,6 +60,8 @@ class PrunerSpec:
 
     def new_stat(self, in_features: int) -> SquaredNormStat | HessianStat | None:
         """An empty accumulator of the statistic this pruner needs (None for magnitude)."""
+        from compresskit.pruning.stats import HessianStat, SquaredNormStat
+
         if self.needs == "sq_norm":
             return SquaredNormStat(in_features)
         if self.needs == "hessian":
@@ -66,6 +79,8 @@ def _reject_unknown(name: str, options: Mapping[str, object], allowed: Mapping[s
 def _magnitude(
     weight: torch.Tensor, stat: torch.Tensor | None, sparsity: float | None, pattern: Pattern, **options: object
 ) -> torch.Tensor:
+    from compresskit.pruning.magnitude import magnitude_prune_
+
     _reject_unknown("magnitude", options, {})
     return magnitude_prune_(weight, sparsity, pattern)
 
@@ -73,6 +88,8 @@ def _magnitude(
 def _wanda(
     weight: torch.Tensor, stat: torch.Tensor | None, sparsity: float | None, pattern: Pattern, **options: object
 ) -> torch.Tensor:
+    from compresskit.pruning.wanda import wanda_prune_
+
     _reject_unknown("wanda", options, {})
     if stat is None:
         raise ValueError("wanda needs the squared input-norm statistic (SquaredNormStat.value())")
@@ -85,6 +102,8 @@ _SPARSEGPT_OPTIONS = MappingProxyType({"blocksize": 128, "percdamp": 0.01})
 def _sparsegpt(
     weight: torch.Tensor, stat: torch.Tensor | None, sparsity: float | None, pattern: Pattern, **options: object
 ) -> torch.Tensor:
+    from compresskit.pruning.sparsegpt import sparsegpt_prune_
+
     _reject_unknown("sparsegpt", options, _SPARSEGPT_OPTIONS)
     if stat is None:
         raise ValueError("sparsegpt needs the Hessian statistic (HessianStat.value())")
