@@ -55,12 +55,13 @@ def _load_metric_modules() -> None:
 def _owl(job, options: dict) -> dict:
     from .allocation.owl import allocate_owl
     from .methods import get_method
-    from .methods.owl import outlier_ratios
+    from .methods.owl import block_params, outlier_ratios
 
     cfg = get_method("owl").make_config(options, context="--metric owl")
     D = outlier_ratios(job, cfg.owl_m)
     active = [d for d in D if d is not None]
-    ratios = allocate_owl(active, job.sparsity, cfg.owl_lambda) if job.sparsity is not None else None
+    sizes = [n for d, n in zip(D, block_params(job)) if d is not None]  # weighted as --method owl weights them
+    ratios = allocate_owl(active, job.sparsity, cfg.owl_lambda, sizes) if job.sparsity is not None else None
     return {
         "metric": "owl",
         "config": cfg.model_dump(),

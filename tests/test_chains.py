@@ -244,6 +244,19 @@ def test_owl_weights_the_mean_by_block_size_and_keeps_the_reference_for_equal_bl
     assert max(ratios) - min(ratios) == pytest.approx(0.2)  # the spread is still 2λ
 
 
+def test_analyze_owl_previews_the_weighted_allocation_prune_makes(saved, calib, tmp_path):
+    from compresskit.analyze import analyze
+
+    _prune(str(saved("qwen2_moe4")), "cdmoe", calib, out=tmp_path / "cd", experts=1, layers=1, stock=False)
+    src = str(tmp_path / "cd")  # one of the 4 MoE blocks condensed: blocks of unequal size
+    report = analyze(src, "owl", sparsity=BUDGET, options={"owl_lambda": 0.2}, calib=calib, nsamples=2, seqlen=16,
+                     device="cpu")
+    sizes = _prune(src, "owl", calib, sparsity=BUDGET, owl_lambda=0.2).manifest.method_details["block_params"]
+    assert len(set(sizes)) > 1
+    expected = allocate_owl(report["per_block"]["outlier_ratio_D"], BUDGET, 0.2, sizes=sizes)
+    assert report["per_block"]["owl_sparsity"] == pytest.approx(expected, abs=1e-12)
+
+
 # ---- what inspect and the prune summary report --------------------------------------------------
 
 
