@@ -34,6 +34,13 @@ class CdmoeConfig(MethodConfig):
                                          "(calibration mean of the sigmoid folded in; approximate, stock form).")
     distance: str = Field("js", json_schema_extra={"flag": "--distance"},
                           description="Greedy-search distance over the hidden dimension: js | kl | angular | norm.")
+    expert_weight: str = Field("routed", json_schema_extra={"flag": "--expert-weight"},
+                               description="Constant on each kept routed expert: routed (the paper's avg_w, mean "
+                                           "router weight over the tokens routed to it) | unconditional (its "
+                                           "weight summed over all tokens / all tokens).")
+    expert_stop: str = Field("budget", json_schema_extra={"flag": "--expert-stop"},
+                             description="Greedy expert search: budget (add --experts experts, the paper's) | "
+                                         "objective (stop before an expert that does not lower the distance).")
     from_order: str | None = Field(None, json_schema_extra={"flag": "--from-order"},
                                    description="Cut the budget from the orders of an earlier CD-MoE checkpoint "
                                                "or orders JSON (no new search, no calibration).")
@@ -48,6 +55,24 @@ class CdmoeConfig(MethodConfig):
 
         if value not in SHARED_GATE_MODES:
             raise ValueError(f"must be one of {', '.join(SHARED_GATE_MODES)}, got {value!r}")
+        return value
+
+    @field_validator("expert_weight")
+    @classmethod
+    def _weight(cls, value: str) -> str:
+        from ..moe.stats import EXPERT_WEIGHTS
+
+        if value not in EXPERT_WEIGHTS:
+            raise ValueError(f"must be one of {', '.join(EXPERT_WEIGHTS)}, got {value!r}")
+        return value
+
+    @field_validator("expert_stop")
+    @classmethod
+    def _stop(cls, value: str) -> str:
+        from ..moe.search import EXPERT_STOPS
+
+        if value not in EXPERT_STOPS:
+            raise ValueError(f"must be one of {', '.join(EXPERT_STOPS)}, got {value!r}")
         return value
 
     @field_validator("distance")
@@ -71,9 +96,10 @@ def run_cdmoe(job: PruneJob, config: CdmoeConfig) -> MethodResult:
     if config.from_order is not None:
         orders = read_orders(config.from_order)
         notes = check_orders(orders, config.from_order, job.model, job.adapter, blocks, config.experts, config.layers,
-                             config.shared_gate)
+                             config.shared_gate, config.expert_weight)
     else:
-        orders = search_orders(job, config.experts, config.layers, config.shared_gate, config.distance)
+        orders = search_orders(job, config.experts, config.layers, config.shared_gate, config.distance,
+                               config.expert_weight, config.expert_stop)
     t0 = time.perf_counter()
     structure, reason, report = condense_model(job, orders, config.experts, config.layers, config.shared_gate,
                                                stock=config.stock)
@@ -86,6 +112,8 @@ def run_cdmoe(job: PruneJob, config: CdmoeConfig) -> MethodResult:
         "params_removed": sum(r["params_removed"] for r in report.values()),
         "bytes_removed": sum(r["bytes_removed"] for r in report.values()),
         "form": "structure" if structure else "stock",
+        "expert_weight": orders.expert_weight,
+        "expert_stop": orders.expert_stop,
         "orders": orders.to_dict(),
         "from_order": config.from_order,
         "notes": notes,

@@ -24,7 +24,7 @@ import json
 import math
 from dataclasses import asdict, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, StrictInt, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
@@ -56,6 +56,10 @@ class CdmoeOrders:
     timings: dict[str, float] = field(default_factory=dict)
     #: the model the search ran on: {"name": ..., "config_sha256": ...} (absent in orders of older versions)
     source_model: dict[str, str] | None = None
+    #: which constant ``avg_w`` holds (``--expert-weight``) and how the expert search stopped
+    #: (``--expert-stop``); orders of older versions are the paper's: routed, budget
+    expert_weight: Literal["routed", "unconditional"] = "routed"
+    expert_stop: Literal["budget", "objective"] = "budget"
 
     @model_validator(mode="after")
     def _consistent(self) -> "CdmoeOrders":
@@ -154,7 +158,7 @@ def read_orders(source: str) -> CdmoeOrders:
 
 
 def check_orders(orders: CdmoeOrders, source: str, model, adapter, blocks: list[int], experts: int, layers: int,
-                 shared_gate: str) -> list[str]:
+                 shared_gate: str, expert_weight: str = "routed") -> list[str]:
     """Refuse orders that are not this model's or cannot give this budget; return notes on what was cut."""
     notes = []
     here = model_identity(model)
@@ -164,6 +168,10 @@ def check_orders(orders: CdmoeOrders, source: str, model, adapter, blocks: list[
         name = orders.source_model.get("name") or "another model"
         raise InputError(f"--from-order {source}: the orders were searched on {name}, whose configuration differs "
                          f"from this model's ({here['name'] or 'the model given'}); search again without --from-order")
+    if expert_weight != orders.expert_weight:
+        raise InputError(f"--from-order {source}: the orders hold --expert-weight {orders.expert_weight} constants "
+                         f"and were searched with them, not {expert_weight}; use --expert-weight "
+                         f"{orders.expert_weight} or search again without --from-order")
     if layers > len(orders.layer_order):
         raise InputError(f"--layers {layers}: the stored layer order has only {len(orders.layer_order)} layers")
     chosen = orders.layer_order[:layers]
@@ -171,7 +179,9 @@ def check_orders(orders: CdmoeOrders, source: str, model, adapter, blocks: list[
         raise InputError(f"--from-order: layers {chosen} are not all MoE blocks of this model ({blocks})")
     for i in chosen:
         order = orders.expert_order[str(i)]
-        if experts > len(order):
+        # an order the objective stopped early is complete up to the budget it was searched for
+        complete = orders.expert_stop == "objective" and experts <= orders.experts_searched
+        if experts > len(order) and not complete:
             raise InputError(f"--experts {experts}: the stored order of block {i} has only {len(order)} experts")
         count = adapter.moe(i).num_experts
         if len(orders.avg_w[str(i)]) != count:

@@ -49,22 +49,31 @@ def check_budget(adapter, experts: int, layers: int) -> list[int]:
     return blocks
 
 
-def search_orders(job, experts: int, layers: int, shared_gate: str, distance: str) -> CdmoeOrders:
-    """Both greedy searches on the job's calibration data (the model is not modified)."""
+def search_orders(job, experts: int, layers: int, shared_gate: str, distance: str,
+                  expert_weight: str = "routed", expert_stop: str = "budget") -> CdmoeOrders:
+    """Both greedy searches on the job's calibration data (the model is not modified).
+
+    The expert search weights each candidate by the constant that will be folded
+    (``expert_weight``); the orders' ``avg_w`` holds those constants."""
     from ..engine.replay import BlockReplay
 
     adapter = job.adapter
     blocks = check_budget(adapter, experts, layers)
     calib = job.calibration_data()
-    orders = CdmoeOrders(experts, layers, shared_gate, distance, source_model=model_identity(job.model))
+    orders = CdmoeOrders(experts, layers, shared_gate, distance, source_model=model_identity(job.model),
+                         expert_weight=expert_weight, expert_stop=expert_stop)
+    last = adapter.num_blocks - 1
     candidates: dict[int, torch.nn.Module] = {}
 
     def on_layer(ctx, view, hook) -> None:
         key = str(ctx.index)
-        avg_w = hook.stats.avg_w.tolist()
+        avg_w = hook.stats.expert_weights(expert_weight).tolist()
         gate_mean = shared_gate_mean(view, hook.inputs, hook.masks)
+        # the last block's output is compared after the final norm, as the reference's last hidden state
+        post = adapter.head_modules()[:-1] if ctx.index == last else None
         order, dists = greedy_experts(view, hook.inputs, hook.outputs, ctx.outputs, hook.masks, avg_w, experts,
-                                      shared_gate, gate_mean, distance, device=job.device)
+                                      shared_gate, gate_mean, distance, device=job.device, stop=expert_stop,
+                                      post=post)
         orders.expert_order[key], orders.expert_distances[key] = order, dists
         orders.avg_w[key], orders.shared_gate_mean[key] = avg_w, gate_mean
         orders.expert_stats[key] = hook.stats.to_dict()

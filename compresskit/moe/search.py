@@ -22,6 +22,7 @@ first chosen layer on; the distances are the same as replaying every trial from 
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from typing import Callable
 
 import torch
@@ -30,10 +31,13 @@ from torch import nn
 from ..analysis.distances import DISTANCES, distance as distance_fn
 from ..engine.distributed import all_reduce_floats
 from ..models.adapters.moe import MoEView
+from ..models.placement import onload
 from .condense import shared_output
 from .stats import expert_act, expert_forward
 
 JS_EPS = 1e-10  # CD-MoE's ε inside the logs
+#: when the greedy expert search stops: at the budget (the reference) or when D stops improving
+EXPERT_STOPS = ("budget", "objective")
 
 
 def batched_distance(name: str, refs: list[torch.Tensor], news: list[torch.Tensor],
@@ -64,12 +68,21 @@ def batched_distance(name: str, refs: list[torch.Tensor], news: list[torch.Tenso
 def greedy_experts(view: MoEView, inputs: list[torch.Tensor], outputs: list[torch.Tensor],
                    block_outputs: list[torch.Tensor], masks: list[torch.Tensor | None], avg_w: list[float],
                    budget: int, shared_gate: str, gate_mean: float | None, distance: str = "js",
-                   device="cpu") -> tuple[list[int], list[float]]:
-    """Greedy expert order of one MoE layer (length ``budget``) and the distance after each step.
+                   device="cpu", stop: str = "budget", post: list[nn.Module] | None = None
+                   ) -> tuple[list[int], list[float]]:
+    """Greedy expert order of one MoE layer and the distance after each step.
 
     ``inputs`` / ``outputs``: the MoE module's input and output per batch; ``block_outputs``: the
-    block's output per batch (the reference hidden state). Computed in fp32 on ``device``.
+    block's output per batch (the reference hidden state). ``avg_w``: the constant each candidate
+    is weighted by, the one that will be folded (``--expert-weight``). ``stop``: ``budget`` adds
+    experts until ``budget`` (the reference always adds one); ``objective`` stops earlier when the
+    best next expert does not lower D (a layer without shared experts always keeps one). ``post``:
+    modules applied to both hidden states before D (the final norm for the model's last block: the
+    reference compares ``output_hidden_states``, whose last entry is after the final norm).
+    Computed in fp32 on ``device``.
     """
+    if stop not in EXPERT_STOPS:
+        raise ValueError(f"expert stop must be one of {', '.join(EXPERT_STOPS)}, got {stop!r}")
     if budget <= 0:
         return [], []
     act = expert_act(view)
@@ -80,8 +93,24 @@ def greedy_experts(view: MoEView, inputs: list[torch.Tensor], outputs: list[torc
     # base = r + S(a): the block output with no routed expert condensed in
     bases = [h - y.to(dev, torch.float32) + shared_output(view, x, shared_gate, gate_mean)
              for h, y, x in zip(refs, outputs, xs)]
+    with ExitStack() as stack:
+        post = [stack.enter_context(onload(m, dev)) for m in post or []]
+
+        def after(hs: list[torch.Tensor]) -> list[torch.Tensor]:
+            for m in post:
+                hs = [m(h) for h in hs]
+            return hs
+
+        return _grow(view, act, xs, after(refs), bases, ms, avg_w, budget, distance, stop, after)
+
+
+def _grow(view, act, xs, refs, bases, ms, avg_w, budget, distance, stop, after) -> tuple[list[int], list[float]]:
     chosen: list[int] = []
     dists: list[float] = []
+    # D with no routed expert: the bar the first one must clear (none without shared experts)
+    current = math.inf
+    if stop == "objective" and view.shared_experts is not None:
+        current = batched_distance(distance, refs, after(bases), ms)
     for _ in range(min(budget, view.num_experts)):
         best: tuple[float, int] | None = None
         for c in range(view.num_experts):
@@ -89,10 +118,13 @@ def greedy_experts(view: MoEView, inputs: list[torch.Tensor], outputs: list[torc
                 continue
             w = float(avg_w[c])
             news = [b + w * expert_forward(view.experts[c], act, x) for b, x in zip(bases, xs)]
-            d = batched_distance(distance, refs, news, ms)
+            d = batched_distance(distance, refs, after(news), ms)
             if best is None or d < best[0]:
                 best = (d, c)
         d, c = best
+        if stop == "objective" and d >= current:
+            break
+        current = d
         chosen.append(c)
         dists.append(d)
         w = float(avg_w[c])

@@ -5,9 +5,15 @@ For every MoE layer ℓ and routed expert e, over the calibration tokens (paddin
 * ``count[e]``  = number of tokens routed to e (a token counts once per expert it is routed to);
 * ``sum_w[e]``  = Σ over those tokens of the routing weight g_e(x) the experts module receives;
 * ``avg_w[e]``  = sum_w / count: CD-MoE's static expert weight (methods.md §7.1, ``dynamic_weight.json``);
-* ``saliency[e]`` = (1/count) Σ g_e(x) · ‖f_e(x)‖₂: REAP's saliency (§7.7), f_e = the expert's output.
+* ``saliency[e]`` = (1/count) Σ p_e(x) · ‖f_e(x)‖₂: REAP's saliency (§7.7), f_e = the expert's output
+  and p_e(x) = softmax(router logits)_e over *all* experts in fp32 — the REAP reference's gate
+  (``observer.py``: ``F.softmax(router_logits)``, not renormalised), for every router kind: for a
+  sigmoid / ``e_score_correction_bias`` router (DeepSeek-V3, GLM-4.5) it is not the weight the
+  model applies (sigmoid, top-k normalised, times ``routed_scaling_factor``), for a softmax router
+  without top-k normalisation it is exactly that weight. The tokens of an expert are those the
+  model routes to it (its own top-k, with bias and groups).
 
-The weights are the ones the layer really multiplies the expert outputs by (after top-k
+``sum_w`` / ``avg_w`` hold the weights the layer really multiplies the expert outputs by (after top-k
 normalisation and DeepSeek's ``routed_scaling_factor``), read by a forward pre-hook on the
 layer's experts module, whose call is ``experts(hidden [T, H], top_k_index [T, k], top_k_weights
 [T, k])`` in every transformers-5 MoE family and in :class:`UnfusedExperts`. The layer is known by
@@ -23,6 +29,11 @@ from torch import nn
 
 from ..errors import UnsupportedArchitectureError
 from ..models.adapters.moe import ExpertView, MoEView
+
+
+#: CD-MoE's constant per kept expert (methods.md §7.1): the paper's mean over the expert's own
+#: tokens, or the mean over all tokens of the layer (an expert's weight counted as 0 where not routed)
+EXPERT_WEIGHTS = ("routed", "unconditional")
 
 
 @dataclass
@@ -44,6 +55,18 @@ class ExpertStats:
     def avg_w(self) -> torch.Tensor:
         """sum_w / count; 0 for an expert that received no token."""
         return torch.where(self.count > 0, self.sum_w / self.count.clamp_min(1), torch.zeros_like(self.sum_w))
+
+    @property
+    def unconditional_w(self) -> torch.Tensor:
+        """sum_w / tokens: the mean routed weight over *all* tokens of the layer (issue 21's constant;
+        0 for an expert never routed to)."""
+        return self.sum_w / max(self.tokens, 1)
+
+    def expert_weights(self, kind: str) -> torch.Tensor:
+        """The constant CD-MoE folds per expert: ``routed`` (avg_w, the paper's) or ``unconditional``."""
+        if kind not in EXPERT_WEIGHTS:
+            raise ValueError(f"expert weight must be one of {', '.join(EXPERT_WEIGHTS)}, got {kind!r}")
+        return self.avg_w if kind == "routed" else self.unconditional_w
 
     @property
     def saliency(self) -> torch.Tensor:
@@ -89,6 +112,20 @@ def expert_forward(expert: ExpertView, act: nn.Module, x: torch.Tensor) -> torch
     return nn.functional.linear(act(g) * u, expert.down.to(x.dtype))
 
 
+def reap_gate(router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """REAP's gate p(x) = softmax(W_r x + b_r) over all experts, fp32 [T, E] (the reference's
+    ``F.softmax(router_logits, dtype=float)``; a router's own sigmoid, correction bias, top-k
+    normalisation and scaling are not part of it)."""
+    weight = getattr(router, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise UnsupportedArchitectureError(f"router {type(router).__name__} has no [experts, hidden] weight; "
+                                           "REAP's gate needs the router logits")
+    bias = getattr(router, "bias", None)
+    bias = bias.float().to(hidden.device) if isinstance(bias, torch.Tensor) else None
+    logits = nn.functional.linear(hidden.float(), weight.float().to(hidden.device), bias)
+    return torch.softmax(logits, dim=-1)
+
+
 def routing_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) from an experts-module call."""
     names = ("hidden_states", "top_k_index", "top_k_weights")
@@ -132,6 +169,7 @@ class ExpertStatsHook:
         s = self.stats
         s.tokens += int(hidden.shape[0] if keep is None else keep.sum())
         views = self.view.experts
+        gate = reap_gate(self.view.router, hidden) if self.saliency else None
         for e in range(s.num_experts):
             routed = index == e  # [T, k]
             if keep is not None:
@@ -145,7 +183,7 @@ class ExpertStatsHook:
             if self.saliency:
                 out = expert_forward(views[e], self.act, hidden[token_idx])
                 norms = torch.linalg.vector_norm(out.double(), dim=-1)
-                s.sum_saliency[e] += (w * norms).sum().cpu()
+                s.sum_saliency[e] += (gate[token_idx, e].double() * norms).sum().cpu()
 
     def _io_hook(self, module, args, output):
         self.inputs.append(args[0].detach().cpu())
