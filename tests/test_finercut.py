@@ -188,7 +188,8 @@ def test_exclude_front_golden_counts():
     # Llama-3-8B: L = 32, x = 0.4 -> blocks 0..12 withheld, put back after 26 removals (methods.md §8.1)
     assert excluded_front_blocks(32, 0.4) == 13
     assert put_back_after(64, 0.4) == 26
-    assert excluded_front_blocks(32, 0.0) == 0 and put_back_after(64, 0.0) is None
+    # x = 0: the reference still withholds block 0 from the first step (int(0) + 1 = 1 each)
+    assert excluded_front_blocks(32, 0.0) == 1 and put_back_after(64, 0.0) == 1
     assert target_count(64, 0.25) == 16 and target_count(60, 0.3) == 18
 
 
@@ -202,6 +203,18 @@ def test_exclude_front_withholds_then_puts_back():
     assert result.withheld_blocks == 2 and result.put_back_after == 3
     assert all(b >= 2 for b in blocks[:3]) and (blocks[3], result.steps[3].candidate.kind) == (0, "mlp")
     assert result.put_back_at_step == 4
+
+
+def test_exclude_front_zero_still_withholds_block_0_from_the_first_step():
+    """The reference at x = 0: int(2L·0/2)+1 = 1 block withheld until int(N·0)+1 = 1 removal, so a
+    dead block-0 sublayer goes second, not first (issue 21, methods.md §8.1)."""
+    model = llama(layers=3)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.zero_()
+    result = search(model, count=2, exclude_front=0.0)
+    assert result.withheld_blocks == 1 and result.put_back_after == 1 and result.put_back_at_step == 2
+    assert result.steps[0].candidate.block > 0
+    assert (result.steps[1].candidate.block, result.steps[1].candidate.kind) == (0, "mlp")
 
 
 def test_prefix_cache_gives_the_same_order_as_full_replay():

@@ -94,16 +94,13 @@ def _mlp_name(adapter, i: int) -> str:
 
 
 def excluded_front_blocks(num_blocks: int, x: float) -> int:
-    """Number of leading blocks withheld: ``int(2L·x/2) + 1`` (0 when ``x == 0``)."""
-    if x <= 0:
-        return 0
+    """Number of leading blocks withheld: ``int(2L·x/2) + 1`` — also at ``x == 0``, where the
+    reference withholds block 0 (from the first step only, :func:`put_back_after`)."""
     return min(num_blocks, int(2 * num_blocks * x / 2) + 1)
 
 
-def put_back_after(num_candidates: int, x: float) -> int | None:
-    """Removed-candidate count at which withheld blocks return: ``int(N·x) + 1`` (None when ``x == 0``)."""
-    if x <= 0:
-        return None
+def put_back_after(num_candidates: int, x: float) -> int:
+    """Removed-candidate count at which withheld blocks return: ``int(N·x) + 1`` (1 at ``x == 0``)."""
     return int(num_candidates * x) + 1
 
 
