@@ -4,7 +4,9 @@ For each fixture (``../shared/models/{deepseek-v2-moe-25m,qwen2-moe-26m}``): one
 (expert orders up to max(--ks), layer order up to max(--layers)) on the calibration text, then
 every grid point is cut from those orders (``--from-order``, no new search):
 
-* CD-MoE E(S+k) for k in --ks at every L in --layers (Qwen: ``--shared-gate exact``, the default, and
+* CD-MoE E(S+k) for k in --ks at every L in --layers, for every constant in --expert-weights
+  (``routed``: the paper's avg_w, default; ``unconditional``: sum_w / all tokens, issue 21; one search
+  each, ``--expert-stop`` applied to every search) (Qwen: ``--shared-gate exact``, the default, and
   ``--shared-gate constant``, the calibration-mean approximation, cut from the same orders);
 * REAP at the same parameter budget: round(P / (MoE layers × expert params)) experts removed per
   layer (P = parameters CD-MoE removed; capped at E − top_k);
@@ -26,6 +28,7 @@ comparison with pruning baselines.
 
     python benchmarks/cdmoe.py                                   # full grid
     python benchmarks/cdmoe.py --models deepseek --ks 0 2 --layers 2 6 --nsamples 4 --seqlen 128
+    python benchmarks/cdmoe.py --expert-weights routed unconditional   # issue 21's k x L grid, both constants
 """
 
 from __future__ import annotations
@@ -212,84 +215,98 @@ def run_fixture(key: str, args, record: dict) -> dict:
     del model, adapter, view
 
     with tempfile.TemporaryDirectory() as tmp:
-        orders_path = Path(tmp) / "orders.json"
-        if key in args.orders:  # an earlier run's search (its own timings are reported)
-            orders = json.loads(Path(args.orders[key]).read_text())
-            search_s = orders["timings"]["expert_search_s"] + orders["timings"]["layer_search_s"]
-            print(f"  orders from {args.orders[key]} (searched earlier)", flush=True)
-        else:
-            t0 = time.perf_counter()
-            search = api.prune(path, "cdmoe", calib=calib, nsamples=args.nsamples, seqlen=args.seqlen, device="cpu",
-                               method_options={"experts": max(args.ks), "layers": max(args.layers)})
-            search_s = time.perf_counter() - t0
-            orders = search.manifest.method_details["orders"]
-            del search
-        orders_path.write_text(json.dumps(orders))
-        if args.keep_orders:
-            Path(args.keep_orders).mkdir(parents=True, exist_ok=True)
-            (Path(args.keep_orders) / f"{key}.json").write_text(json.dumps(orders))
-        print(f"  greedy search: {search_s:.1f} s (experts {orders['timings']['expert_search_s']:.1f} s, "
-              f"layers {orders['timings']['layer_search_s']:.1f} s); layer order {orders['layer_order']}", flush=True)
-        record.update(search_s=search_s, layer_order=orders["layer_order"], expert_order=orders["expert_order"])
         reap_rows, drop_rows = {}, {}
-        gates = ["exact", "constant"] if key == "qwen" else ["exact"]
-        for k in args.ks:
-            for L in args.layers:
-                for gate in gates:
-                    cm, ckpt, form = saved(path, "cdmoe", tmp, method_options={
-                        "experts": k, "layers": L, "from_order": str(orders_path), "shared_gate": gate})
-                    last = k == max(args.ks) and L == max(args.layers)
-                    label = f"CD-MoE E(S+{k}) L={L}" + (" const-gate" if gate == "constant" else "")
-                    r = row(label, cm, tok, ids, args, dense_params, prompt if last else None, ckpt=ckpt)
-                    r.update(method="cdmoe", k=k, L=L, shared_gate=gate, form=form)
-                    rows.append(r)
+        for weight in args.expert_weights:  # one search per constant: the search weighs by what it folds
+            orders_path = Path(tmp) / f"orders-{weight}.json"
+            given = args.orders.get(f"{key}:{weight}")
+            if given:  # an earlier run's search (its own timings are reported)
+                orders = json.loads(Path(given).read_text())
+                search_s = orders["timings"]["expert_search_s"] + orders["timings"]["layer_search_s"]
+                print(f"  orders from {given} (searched earlier, --expert-weight {weight})", flush=True)
+            else:
+                t0 = time.perf_counter()
+                search = api.prune(path, "cdmoe", calib=calib, nsamples=args.nsamples, seqlen=args.seqlen, device="cpu",
+                                   method_options={"experts": max(args.ks), "layers": max(args.layers),
+                                                   "expert_weight": weight, "expert_stop": args.expert_stop})
+                search_s = time.perf_counter() - t0
+                orders = search.manifest.method_details["orders"]
+                del search
+            orders_path.write_text(json.dumps(orders))
+            if args.keep_orders:
+                Path(args.keep_orders).mkdir(parents=True, exist_ok=True)
+                name = f"{key}.json" if weight == "routed" else f"{key}-{weight}.json"
+                (Path(args.keep_orders) / name).write_text(json.dumps(orders))
+            print(f"  greedy search (--expert-weight {weight}, --expert-stop {args.expert_stop}): {search_s:.1f} s "
+                  f"(experts {orders['timings']['expert_search_s']:.1f} s, layers {orders['timings']['layer_search_s']:.1f} s); "
+                  f"layer order {orders['layer_order']}", flush=True)
+            record.setdefault("searches", {})[weight] = dict(search_s=search_s, layer_order=orders["layer_order"],
+                                                             expert_order=orders["expert_order"],
+                                                             expert_stop=args.expert_stop)
+            if weight == args.expert_weights[0]:
+                record.update(search_s=search_s, layer_order=orders["layer_order"], expert_order=orders["expert_order"])
+            tag = "" if args.expert_weights == ["routed"] and args.expert_stop == "budget" else f" w={weight}"
+            gates = ["exact", "constant"] if key == "qwen" else ["exact"]
+            for k in args.ks:
+                for L in args.layers:
+                    for gate in gates:
+                        cm, ckpt, form = saved(path, "cdmoe", tmp, method_options={
+                            "experts": k, "layers": L, "from_order": str(orders_path), "shared_gate": gate,
+                            "expert_weight": weight})
+                        last = k == max(args.ks) and L == max(args.layers)
+                        label = f"CD-MoE E(S+{k}) L={L}{tag}" + (" const-gate" if gate == "constant" else "")
+                        r = row(label, cm, tok, ids, args, dense_params, prompt if last else None, ckpt=ckpt)
+                        r.update(method="cdmoe", k=k, L=L, shared_gate=gate, form=form, expert_weight=weight,
+                                 expert_stop=args.expert_stop)
+                        rows.append(r)
+                        args.save()
+                        del cm
+                        if gate == "exact":
+                            budget = r["params_removed"]
+                            if args.ft_steps and (k, L) in args.ft_configs and "cdmoe" in args.ft_what:
+                                fm, fckpt, info = finetuned(ckpt, tmp, args)
+                                fr = row(f"{label} + FT {args.ft_steps} steps", fm, tok, ids, args, dense_params, ckpt=fckpt)
+                                fr.update(method="cdmoe+finetune", k=k, L=L, shared_gate=gate, form=form,
+                                          expert_weight=weight, expert_stop=args.expert_stop, **info)
+                                rows.append(fr)
+                                args.save()
+                                del fm
+                    budget_rows = []
+                    n = min(num_experts - top_k, max(1, round(budget / (len(moe) * expert_params))))
+                    if n not in reap_rows:
+                        rm, ckpt, _ = saved(path, "reap", tmp, calib=calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                                            method_options={"remove_experts": n / num_experts})
+                        reap_rows[n] = row(f"  REAP -{n}/{num_experts} experts", rm, tok, ids, args, dense_params,
+                                           ckpt=ckpt)
+                        del rm
+                    else:
+                        print(f"  REAP -{n}/{num_experts} experts: same as above", flush=True)
+                    budget_rows.append(dict(reap_rows[n], method="reap", experts_removed_per_layer=n))
+                    m = min(len(moe), max(1, round(budget / moe_params)))
+                    if m not in drop_rows:
+                        dropped, _ = load_model(path, device="cpu")
+                        dropped.eval()
+                        da = get_adapter(dropped)
+                        order = orders["layer_order"] + [b for b in moe if b not in orders["layer_order"]]
+                        for i in order[:m]:
+                            da.block(i).mlp = ZeroMLP()
+                        drop_rows[m] = row(f"  drop {m} MoE MLP(s)", dropped, tok, ids, args, dense_params)
+                        del dropped, da
+                    else:
+                        print(f"  drop {m} MoE MLP(s): same as above", flush=True)
+                    budget_rows.append(dict(drop_rows[m], method="drop_layers", layers_dropped=m))
+                    if (args.ft_steps and (k, L) in args.ft_configs and "reap" in args.ft_what
+                            and weight == args.expert_weights[0]):
+                        rm, ckpt, _ = saved(path, "reap", tmp, calib=calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                                            method_options={"remove_experts": n / num_experts})
+                        info = finetune_reap_in_memory(rm, tok, tmp, args)
+                        budget_rows.append(dict(row(f"  REAP -{n}/{num_experts} + FT {args.ft_steps} steps", rm, tok, ids, args,
+                                                    dense_params, ckpt=ckpt), method="reap+finetune",
+                                                experts_removed_per_layer=n, **info))
+                        del rm
+                    for b in budget_rows:
+                        b.update(k=k, L=L, budget_of=f"CD-MoE E(S+{k}) L={L}{tag}", expert_weight=weight)
+                    rows.extend(budget_rows)
                     args.save()
-                    del cm
-                    if gate == "exact":
-                        budget = r["params_removed"]
-                        if args.ft_steps and (k, L) in args.ft_configs and "cdmoe" in args.ft_what:
-                            fm, fckpt, info = finetuned(ckpt, tmp, args)
-                            fr = row(f"{label} + FT {args.ft_steps} steps", fm, tok, ids, args, dense_params, ckpt=fckpt)
-                            fr.update(method="cdmoe+finetune", k=k, L=L, shared_gate=gate, form=form, **info)
-                            rows.append(fr)
-                            args.save()
-                            del fm
-                budget_rows = []
-                n = min(num_experts - top_k, max(1, round(budget / (len(moe) * expert_params))))
-                if n not in reap_rows:
-                    rm, ckpt, _ = saved(path, "reap", tmp, calib=calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                                        method_options={"remove_experts": n / num_experts})
-                    reap_rows[n] = row(f"  REAP -{n}/{num_experts} experts", rm, tok, ids, args, dense_params,
-                                       ckpt=ckpt)
-                    del rm
-                else:
-                    print(f"  REAP -{n}/{num_experts} experts: same as above", flush=True)
-                budget_rows.append(dict(reap_rows[n], method="reap", experts_removed_per_layer=n))
-                m = min(len(moe), max(1, round(budget / moe_params)))
-                if m not in drop_rows:
-                    dropped, _ = load_model(path, device="cpu")
-                    dropped.eval()
-                    da = get_adapter(dropped)
-                    order = orders["layer_order"] + [b for b in moe if b not in orders["layer_order"]]
-                    for i in order[:m]:
-                        da.block(i).mlp = ZeroMLP()
-                    drop_rows[m] = row(f"  drop {m} MoE MLP(s)", dropped, tok, ids, args, dense_params)
-                    del dropped, da
-                else:
-                    print(f"  drop {m} MoE MLP(s): same as above", flush=True)
-                budget_rows.append(dict(drop_rows[m], method="drop_layers", layers_dropped=m))
-                if args.ft_steps and (k, L) in args.ft_configs and "reap" in args.ft_what:
-                    rm, ckpt, _ = saved(path, "reap", tmp, calib=calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                                        method_options={"remove_experts": n / num_experts})
-                    info = finetune_reap_in_memory(rm, tok, tmp, args)
-                    budget_rows.append(dict(row(f"  REAP -{n}/{num_experts} + FT {args.ft_steps} steps", rm, tok, ids, args,
-                                                dense_params, ckpt=ckpt), method="reap+finetune",
-                                            experts_removed_per_layer=n, **info))
-                    del rm
-                for b in budget_rows:
-                    b.update(k=k, L=L, budget_of=f"CD-MoE E(S+{k}) L={L}")
-                rows.extend(budget_rows)
-                args.save()
     return record
 
 
@@ -307,7 +324,14 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--out", default=str(HERE / "results" / "cdmoe.json"))
     ap.add_argument("--orders", nargs="*", default=[], metavar="FIXTURE=JSON",
-                    help="Reuse an earlier search's orders (written by --keep-orders) instead of searching again.")
+                    help="Reuse an earlier search's orders (written by --keep-orders) instead of searching again; "
+                         "each file is used for the --expert-weight it records (older files: routed).")
+    ap.add_argument("--expert-weights", nargs="+", default=["routed"], choices=["routed", "unconditional"],
+                    help="CD-MoE constants to grid (one search each): routed = the paper's avg_w, unconditional = "
+                         "sum_w / all tokens (issue 21).")
+    ap.add_argument("--expert-stop", default="budget", choices=["budget", "objective"],
+                    help="CD-MoE's greedy expert search: budget (the paper's) or objective (stop before an expert "
+                         "that does not lower the search's distance).")
     ap.add_argument("--keep-orders", default=None, metavar="DIR", help="Write each fixture's orders JSON here.")
     ap.add_argument("--ft-steps", type=int, default=0, help="Fine-tune these (k, L) points for N steps (0: none).")
     ap.add_argument("--ft-configs", default="0:4,4:6", help="k:L points to fine-tune, comma-separated.")
@@ -318,7 +342,9 @@ def main(argv=None):
     ap.add_argument("--ft-seqlen", type=int, default=256, help="The reference's max_length.")
     args = ap.parse_args(argv)
     args.ft_configs = {tuple(int(x) for x in c.split(":")) for c in args.ft_configs.split(",") if c}
-    args.orders = dict(item.split("=", 1) for item in args.orders)
+    given = [item.split("=", 1) for item in args.orders]
+    args.orders = {f'{fixture}:{json.loads(Path(path).read_text()).get("expert_weight", "routed")}': path
+                   for fixture, path in given}
     torch.manual_seed(0)
     if args.calib is None:
         lines = (shared_data_dir() / "corpora" / "sotu.jsonl").read_text().splitlines()
