@@ -18,6 +18,12 @@ For SmolLM2-135M and the two shared MoE fixtures (deepseek-v2-moe-25m, qwen2-moe
 Settings are reduced for a shared 2-core CPU and printed with the table; see --help.
 
     python benchmarks/finercut.py [--models smollm2-135m,deepseek-v2-moe-25m,qwen2-moe-26m]
+    python benchmarks/finercut.py --models smollm2-135m --protocols cross,sotu,wikitext   # issue 21's rows
+
+``--protocols`` picks the calibration -> evaluation domains (``PROTOCOLS``): ``cross`` (the original
+row: speeches -> WikiText-2 / the fixtures' mixed held-out text), ``sotu`` (addresses up to 2011 ->
+the held-out 2012-2021 addresses) and ``wikitext`` (the first half of WikiText-2 test -> its second
+half; WikiText-2 train is not available offline). Every record states its protocol.
 """
 
 from __future__ import annotations
@@ -56,7 +62,42 @@ def fixture_validation_ids(tokenizer) -> torch.Tensor:
     return tokenizer("\n\n".join(parts), return_tensors="pt").input_ids
 
 
-def held_out_ppl(model, tok, name: str, seqlen: int, windows: int) -> float:
+#: calibration -> evaluation domain of a run (issue 21: the domain decides FinerCut vs block removal)
+PROTOCOLS = {
+    "cross": "calibrate on the first nsamples x seqlen tokens of State of the Union addresses (prefix); evaluate "
+             "SmolLM2 on WikiText-2 test (the perplexity module's protocol), the MoE fixtures on their held-out "
+             "text (last 10 addresses, last 5% of Moby Dick, last 300 GSM8K items)",
+    "sotu": "in domain: calibrate on State of the Union addresses except the last 10 (prefix, i.e. the earliest); "
+            "evaluate on the held-out last 10 addresses (2012-2021), joined by blank lines",
+    "wikitext": "in domain: calibrate on the first half of WikiText-2 test's lines (prefix: empty lines dropped, "
+                "joined by spaces, the reference's form); evaluate on the disjoint second half ('' joined)",
+}
+
+
+def protocol_data(protocol: str, tmp: Path) -> tuple[str, str | None]:
+    """(calibration source, held-out text or None for the cross-domain row's own evaluation)."""
+    data = shared_data_dir()
+    sotu_file = data / "corpora" / "sotu.jsonl"
+    if protocol == "cross":
+        return f"file:{sotu_file}", None
+    if protocol == "sotu":
+        lines = [line for line in sotu_file.read_text().splitlines() if line.strip()]
+        calib = tmp / "sotu_train.jsonl"
+        calib.write_text("\n".join(lines[:-10]) + "\n")
+        return f"file:{calib}", "\n\n".join(json.loads(line)["text"] for line in lines[-10:])
+    if protocol == "wikitext":
+        rows = (data / "wikitext-2-raw" / "wiki.test.raw").read_text().splitlines(keepends=True)
+        half = len(rows) // 2
+        calib = tmp / "wikitext_first_half.jsonl"
+        calib.write_text("".join(json.dumps({"text": r}) + "\n" for r in rows[:half] if r.strip()))
+        return f"file:{calib}", "".join(rows[half:])
+    raise SystemExit(f"error: unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+
+
+def held_out_ppl(model, tok, name: str, seqlen: int, windows: int, text: str | None = None) -> float:
+    if text is not None:
+        return windowed_perplexity(model, tok(text, return_tensors="pt").input_ids, seqlen, device="cpu",
+                                   max_windows=windows)["value"]
     if name == "smollm2-135m":
         return perplexity(model, tok, "wikitext2", seqlen=seqlen, max_windows=windows, device="cpu")["value"]
     return windowed_perplexity(model, fixture_validation_ids(tok), seqlen, device="cpu", max_windows=windows)["value"]
@@ -104,20 +145,25 @@ def search(name, calib, nsamples, seqlen, **options):
     return out.manifest.method_details
 
 
-def run_model(name: str, args) -> dict:
-    calib = f"file:{shared_data_dir() / 'corpora' / 'sotu.jsonl'}"
+def run_model(name: str, args, protocol: str = "cross") -> dict:
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="finercut-bench-"))
+    calib, text = protocol_data(protocol, tmp)
     ratios = [float(r) for r in args.ratios.split(",")]
-    record: dict = {"model": name, "settings": {"calib": "sotu.jsonl, format prefix (FinerCut's default: the first nsamples x seqlen tokens of the documents joined; the MoE fixtures' held-out text is the LAST 10 addresses)", "nsamples": args.nsamples,
-                                                "seqlen": args.seqlen, "ppl_seqlen": args.ppl_seqlen,
-                                                "ppl_windows": args.ppl_windows, "piqa_limit": args.piqa_limit}}
+    record: dict = {"model": name, "protocol": protocol,
+                    "settings": {"protocol": PROTOCOLS[protocol], "calib": calib.rpartition("/")[2],
+                                 "calib_format": "prefix (FinerCut's default: the first nsamples x seqlen tokens)",
+                                 "nsamples": args.nsamples, "seqlen": args.seqlen, "ppl_seqlen": args.ppl_seqlen,
+                                 "ppl_windows": args.ppl_windows, "piqa_limit": args.piqa_limit}}
     dense, tok = fresh(name)
     params_total = sum(p.numel() for p in dense.parameters())
-    record["dense"] = {"ppl": held_out_ppl(dense, tok, name, args.ppl_seqlen, args.ppl_windows),
+    record["dense"] = {"ppl": held_out_ppl(dense, tok, name, args.ppl_seqlen, args.ppl_windows, text),
                        "piqa": piqa(dense, tok, args.piqa_limit),
                        "decode_tok_s": measure_throughput(dense, tok, prompt_len=64, new_tokens=32)["decode_tokens_per_s"],
                        "params": params_total}
     del dense
-    print(name, "dense", record["dense"], flush=True)
+    print(name, protocol, "dense", record["dense"], flush=True)
 
     t = {}
     for cache in ((True, False) if args.step_timing else ()):
@@ -147,30 +193,32 @@ def run_model(name: str, args) -> dict:
         removed = sum(row["params"] for row in order[:count])
         row = {"ratio": r, "sublayers": count, "attn": sum(1 for x in order[:count] if x["type"] == "attn"),
                "params_removed_frac": removed / params_total,
-               "ppl": held_out_ppl(m, tok, name, args.ppl_seqlen, args.ppl_windows), "piqa": piqa(m, tok, args.piqa_limit)}
+               "ppl": held_out_ppl(m, tok, name, args.ppl_seqlen, args.ppl_windows, text),
+               "piqa": piqa(m, tok, args.piqa_limit)}
         if abs(r - 0.25) < 1e-9:
             row["decode_tok_s"] = measure_throughput(m, tok, prompt_len=64, new_tokens=32)["decode_tokens_per_s"]
         del m
         m, _ = fresh(name)
         m, blk_removed, nblk = apply_blocks(m, b["order"], removed)
         row.update({"block_blocks": nblk, "block_params_removed_frac": blk_removed / params_total,
-                    "block_ppl": held_out_ppl(m, tok, name, args.ppl_seqlen, args.ppl_windows),
+                    "block_ppl": held_out_ppl(m, tok, name, args.ppl_seqlen, args.ppl_windows, text),
                     "block_piqa": piqa(m, tok, args.piqa_limit)})
         del m
         rows.append(row)
-        print(name, row, flush=True)
+        print(name, protocol, row, flush=True)
     record["rows"] = rows
     return record
 
 
 def table(records: list[dict]) -> str:
-    lines = ["| model | removed (sublayers) | attn/mlp | params removed | ppl | PIQA | block: blocks | params | ppl | PIQA |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | protocol | removed (sublayers) | attn/mlp | params removed | ppl | PIQA | block: blocks | params "
+             "| ppl | PIQA |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for rec in records:
         dn = rec["dense"]
-        lines.append(f"| {rec['model']} | dense | - | 0 | {dn['ppl']:.2f} | {fmt(dn['piqa'])} | - | - | - | - |")
+        proto = rec.get("protocol", "cross")
+        lines.append(f"| {rec['model']} | {proto} | dense | - | 0 | {dn['ppl']:.2f} | {fmt(dn['piqa'])} | - | - | - | - |")
         for r in rec["rows"]:
-            lines.append(f"| | {r['ratio']:.0%} ({r['sublayers']}) | {r['attn']}/{r['sublayers'] - r['attn']} | "
+            lines.append(f"| | | {r['ratio']:.0%} ({r['sublayers']}) | {r['attn']}/{r['sublayers'] - r['attn']} | "
                          f"{r['params_removed_frac']:.1%} | {r['ppl']:.2f} | {fmt(r['piqa'])} | {r['block_blocks']} | "
                          f"{r['block_params_removed_frac']:.1%} | {r['block_ppl']:.2f} | {fmt(r['block_piqa'])} |")
     return "\n".join(lines)
@@ -184,6 +232,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="deepseek-v2-moe-25m,qwen2-moe-26m,smollm2-135m")
     ap.add_argument("--ratios", default="0.10,0.20,0.25,0.30")
+    ap.add_argument("--protocols", default="cross",
+                    help="Comma-separated calibration -> evaluation domains: " +
+                         "; ".join(f"{k}: {v}" for k, v in PROTOCOLS.items()))
     ap.add_argument("--nsamples", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--ppl-seqlen", type=int, default=512)
@@ -196,15 +247,20 @@ def main():
     torch.manual_seed(0)
     records = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    protocols = args.protocols.split(",")
+    unknown = [p for p in protocols if p not in PROTOCOLS]
+    if unknown:
+        ap.error(f"unknown protocol {unknown[0]!r}; choose from {', '.join(PROTOCOLS)}")
     for name in args.models.split(","):
-        t0 = time.perf_counter()
-        rec = run_model(name, args)
-        rec["wall_s"] = time.perf_counter() - t0
-        records.append(rec)
-        args.out.write_text(json.dumps(records, indent=1))
+        for protocol in protocols:
+            t0 = time.perf_counter()
+            rec = run_model(name, args, protocol)
+            rec["wall_s"] = time.perf_counter() - t0
+            records.append(rec)
+            args.out.write_text(json.dumps(records, indent=1))
     print(table(records))
     for rec in records:
-        print(rec["model"], "order:", " ".join(f"{t}{b}" for t, b in rec["sublayer_search"]["order"]),
+        print(rec["model"], rec.get("protocol", "cross"), "order:", " ".join(f"{t}{b}" for t, b in rec["sublayer_search"]["order"]),
               "| blocks:", rec["block_search"]["order"], "| step timing:", rec.get("step_timing"),
               "| decode tok/s dense", round(rec["dense"]["decode_tok_s"], 1), "25%",
               round(next((r for r in rec["rows"] if abs(r["ratio"] - 0.25) < 1e-9), {}).get("decode_tok_s", 0), 1))
