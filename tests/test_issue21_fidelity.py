@@ -285,3 +285,33 @@ def test_reap_gate_on_a_sigmoid_bias_corrected_router_is_the_references_softmax(
                 expected[e] = (p[tok, e] * norms).mean()
         torch.testing.assert_close(got[i].saliency, expected, rtol=1e-5, atol=1e-8)
         assert torch.argsort(got[i].saliency).tolist() == torch.argsort(expected).tolist()
+
+
+def _orders_file(tmp, weight):
+    """Orders of the tiny DeepSeek-V2 (one MoE block, 4 experts) as a file, searched with ``weight``."""
+    import json
+
+    path = tmp / f"orders-{weight}.json"
+    path.write_text(json.dumps({"experts_searched": 1, "layers_searched": 1, "shared_gate": "exact", "distance": "js",
+                                "expert_order": {"1": [0]}, "avg_w": {"1": [0.5, 0.5, 0.5, 0.5]},
+                                "layer_order": [1], "expert_weight": weight}))
+    return path
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--expert-weight", "sometimes"], "must be one of routed, unconditional"),
+    (["--expert-stop", "never"], "must be one of budget, objective"),
+    (lambda tmp: ["--from-order", _orders_file(tmp, "unconditional")],
+     "the orders hold --expert-weight unconditional constants"),
+    (lambda tmp: ["--from-order", _orders_file(tmp, "sometimes")], "not valid CD-MoE orders: expert_weight"),
+], ids=["bad-weight", "bad-stop", "from-order-other-weight", "from-order-bad-weight"])
+def test_bad_new_options_are_one_error_line_and_write_nothing(tiny_model_dir, sotu_jsonl, tmp_path, args, needle):
+    from hostile_harness import run_checked
+
+    extra = args(tmp_path) if callable(args) else args
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "never"
+    run_checked(["prune", "--model", tiny_model_dir("deepseek_v2"), "--method", "cdmoe", "--experts", "1", "--layers",
+                 "1", *extra, "--calib", f"file:{sotu_jsonl}", "--nsamples", "2", "--seqlen", "16", "--out", out,
+                 "--device", "cpu", "--quiet"], needle=needle)
+    assert not out.exists()
