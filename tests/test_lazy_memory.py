@@ -1,14 +1,18 @@
 """Peak host RSS of ``compresskit prune`` stays flat in model depth on the lazy path.
 
-Random Llama-shaped models with one block shape (hidden 1024, intermediate 2816, fp32: one block
-is 51.4 MB, the embeddings + head 64 MB) and 4 / 8 / 16 blocks (270 / 476 / 887 MB on disk) are
-pruned to 50 % by the real CLI (tiny calibration file, CPU) and saved, each run in a fresh wrapper
-process that reports its child's peak RSS from the kernel (``benchmarks/memory_lazy.py``).
+Random Llama-shaped models with one block shape (hidden 512, intermediate 1408, fp32: one block is
+12.8 MB, the embeddings + head 33.6 MB) and 4 / 8 / 10 blocks are pruned to 50 % by the real CLI
+(tiny calibration file, CPU) and saved, each run in a fresh wrapper process that reports its
+child's peak RSS from the kernel (``benchmarks/memory_lazy.py``, which measures the larger shape
+hidden 1024 / 4-16 blocks and the in-memory path beside it). The shape was 1024 wide and SparseGPT
+went to 16 blocks until the suite had to fit its time budget (that test took 670 s); measured at
+this shape on a loaded 2-core machine: Wanda 578.1 → 577.8 MB from 4 to 8 blocks, SparseGPT 660.0
+→ 665.0 MB from 4 to 12 blocks (118 s; the test stops at 10 blocks to stay well under 120 s).
 
 Bound: going from 4 to more blocks, lazy peak RSS may grow by at most ONE block + ``SLACK_MB``
-(measured on this machine: Wanda 625.4 → 624.2 MB from 4 to 8 blocks; SparseGPT 834.4 → 848.5 MB
-from 4 to 16 blocks, about 1 MB per block of Python objects and sub-1-MiB allocations; the slack
-covers that and allocator noise, the block covers nothing measured). The in-memory path
+(at the earlier 1024-wide shape: Wanda 625.4 → 624.2 MB from 4 to 8 blocks; SparseGPT 834.4 →
+848.5 MB from 4 to 16 blocks, about 1 MB per block of Python objects and sub-1-MiB allocations; the
+slack covers that and allocator noise, the block covers nothing measured). The in-memory path
 (``--load in-memory``) measured the same way grows with the model (804.7 → 1005.5 MB from 4 to 8
 blocks: +200.8 MB for 205.6 MB of added blocks), but how much depends on the allocator and the
 machine's memory pressure, so that row lives in ``benchmarks/memory_lazy.py``; the test here
@@ -32,6 +36,7 @@ _spec = importlib.util.spec_from_file_location("memory_lazy", ROOT / "benchmarks
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
+HIDDEN, INTERMEDIATE = 512, 1408  # one block 12.8 MB fp32: a leak of one block per block (4 -> 10: +77 MB) fails the bound
 SLACK_MB = 16.0  # measured growth: -1.2 MB (Wanda 4 -> 8), +14.1 MB (SparseGPT 4 -> 16); see above
 
 
@@ -44,7 +49,7 @@ def workspace(tmp_path_factory):
 def _model(workspace, blocks: int) -> tuple[Path, float]:
     root, _, made = workspace
     if blocks not in made:
-        made[blocks] = (root / f"llama-{blocks}", bench.make_model(root / f"llama-{blocks}", blocks))
+        made[blocks] = (root / f"llama-{blocks}", bench.make_model(root / f"llama-{blocks}", blocks, HIDDEN, INTERMEDIATE))
     return made[blocks]
 
 
@@ -68,10 +73,10 @@ def test_lazy_prune_peak_rss_is_flat_in_the_number_of_blocks(workspace):
 
 
 @pytest.mark.slow
-def test_lazy_prune_peak_rss_is_flat_up_to_16_blocks_for_sparsegpt(workspace):
+def test_lazy_prune_peak_rss_is_flat_up_to_10_blocks_for_sparsegpt(workspace):
     small, block_mb, _ = _peak(workspace, 4, "lazy", "sparsegpt")
-    large, _, _ = _peak(workspace, 16, "lazy", "sparsegpt")
-    print(f"lazy sparsegpt peak RSS: 4 blocks {small:.1f} MB, 16 blocks {large:.1f} MB (block {block_mb:.1f} MB)")
+    large, _, _ = _peak(workspace, 10, "lazy", "sparsegpt")
+    print(f"lazy sparsegpt peak RSS: 4 blocks {small:.1f} MB, 10 blocks {large:.1f} MB (block {block_mb:.1f} MB)")
     assert large - small <= block_mb + SLACK_MB, (small, large, block_mb)
 
 
