@@ -116,16 +116,21 @@ def greedy_search(
     stop: StopRule,
     swaps_for: Callable[[Candidate], dict],
     apply: Callable[[Candidate], None],
-    exclude_front: float = 0.0,
+    exclude_front: float | None = None,
     one_shot: bool = False,
     prefix_cache: bool = True,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> SearchResult:
-    """Remove candidates one by one until ``stop``; ``apply`` installs a removal in the model."""
+    """Remove candidates one by one until ``stop``; ``apply`` installs a removal in the model.
+
+    ``exclude_front``: the reference's ``-x`` (``--exclude-front``; 0 still withholds block 0 from the
+    first step); None withholds nothing (a plain greedy search)."""
     t0 = time.perf_counter()
     num_blocks = scorer.replay.adapter.num_blocks
-    result = SearchResult(withheld_blocks=excluded_front_blocks(num_blocks, exclude_front),
-                          put_back_after=put_back_after(len(candidates), exclude_front))
+    result = SearchResult()
+    if exclude_front is not None:
+        result.withheld_blocks = excluded_front_blocks(num_blocks, exclude_front)
+        result.put_back_after = put_back_after(len(candidates), exclude_front)
     remaining = sorted(candidates, key=lambda c: c.name)
     start_of = (lambda c: c.block) if prefix_cache else (lambda c: 0)
     initial: dict[str, float] = {}
