@@ -1,9 +1,10 @@
 """REAP expert removal — the MoE baseline users pick today (methods.md §7.7).
 
 One calibration pass measures every routed expert's saliency (mean over its routed tokens of
-router weight × ‖expert output‖₂); each MoE layer then loses the ``round(fraction · E)`` experts
-with the lowest saliency, with their router rows. ``top_k`` is kept, the config's expert-count key
-is rewritten, and the result is a stock checkpoint (plain ``from_pretrained``).
+softmax(router logits) × ‖expert output‖₂, the reference's gate); each MoE layer then loses the
+``round(fraction · E)`` experts with the lowest saliency, with their router rows. ``top_k`` is
+kept, the config's expert-count key is rewritten, and the result is a stock checkpoint (plain
+``from_pretrained``).
 """
 
 from __future__ import annotations

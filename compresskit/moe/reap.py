@@ -1,8 +1,10 @@
 """REAP-style expert removal (methods.md §7.7; llm-compressor ≥ 0.13).
 
 Per MoE layer the experts with the lowest saliency S_j = mean over routed tokens of
-g_j(x)·‖f_j(x)‖₂ are removed: their weights (fused 3-D tensors or per-expert modules) and their
-router rows (``weight``, ``bias``, ``e_score_correction_bias``). Group-limited routers
+g_j(x)·‖f_j(x)‖₂ (g = softmax of the router logits over all experts, the reference's gate,
+also for sigmoid / bias-corrected routers: ``moe.stats.reap_gate``) are removed: their weights
+(fused 3-D tensors or per-expert modules) and their router rows (``weight``, ``bias``,
+``e_score_correction_bias``). Group-limited routers
 (``n_group`` > 1) lose the same number of experts in every group, so the groups stay equal.
 ``top_k`` is kept; only the config's expert-count key changes, so the result is a stock
 checkpoint. Every MoE layer loses the same count (the config holds one expert count).

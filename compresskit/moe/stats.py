@@ -70,7 +70,8 @@ class ExpertStats:
 
     @property
     def saliency(self) -> torch.Tensor:
-        """REAP: mean over routed tokens of g_e(x)·‖f_e(x)‖₂; 0 for an expert never routed to."""
+        """REAP: mean over routed tokens of p_e(x)·‖f_e(x)‖₂ (p: :func:`reap_gate`); 0 for an expert
+        never routed to."""
         return torch.where(self.count > 0, self.sum_saliency / self.count.clamp_min(1), torch.zeros_like(self.count))
 
     def all_reduce(self) -> None:
