@@ -11,10 +11,13 @@ import time
 
 HEAVY = ("torch", "transformers", "lm_eval", "safetensors", "datasets", "matplotlib")
 
-#: ``compresskit --help`` may take this many times ``python -c pass`` (best of 3 each, same run).
-#: Measured on an idle 2-core machine: about 10x (0.3 s / 0.03 s) lazily, about 120x with the old eager
-#: imports of torch and transformers; the two scale alike when the machine is loaded.
-HELP_RATIO_BUDGET = 40
+#: ``compresskit --help`` may take this many times an interpreter that imports what a CLI legitimately
+#: needs (typer, rich, pydantic, yaml), best of 3 each, same run. A reference doing comparable work
+#: slows down alike when the machine is loaded (``python -c pass`` did not: its ratio to --help rose
+#: from 10x to past 40x under load). Measured at load 7 on 2 cores: --help 0.70 s, reference 0.67 s
+#: (1x); the old eager imports of torch and transformers alone took 9.3 s (14x).
+HELP_RATIO_BUDGET = 4
+REFERENCE = "import typer, rich, pydantic, yaml"
 
 _PROBE = """
 import json, sys
@@ -73,11 +76,11 @@ def _best_of(cmd: list[str], n: int = 3) -> float:
     return best
 
 
-def test_help_time_is_a_small_multiple_of_a_bare_interpreter():
-    bare = _best_of([sys.executable, "-c", "pass"])
+def test_help_time_is_a_small_multiple_of_a_cli_interpreter():
+    bare = _best_of([sys.executable, "-c", REFERENCE])
     helped = _best_of([sys.executable, "-m", "compresskit", "--help"])
     assert helped < HELP_RATIO_BUDGET * bare, (
-        f"compresskit --help took {helped:.2f} s = {helped / bare:.0f}x python -c pass ({bare:.3f} s); "
+        f"compresskit --help took {helped:.2f} s = {helped / bare:.1f}x python -c '{REFERENCE}' ({bare:.3f} s); "
         f"budget {HELP_RATIO_BUDGET}x")
 
 
