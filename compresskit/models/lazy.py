@@ -35,11 +35,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..compat import causal_lm_class, internal, method, problems, safetensors_dtype
 from ..errors import ModelLoadError
 from .lazy_store import ATTR, LazyStore, OriginalSource, lazy_ref, store_of
 from .weight_files import refuse_missing_weights
 
-from ..compat import causal_lm_class, internal, method, problems, safetensors_dtype
 LOADING_LAZY = "lazy"
 
 
@@ -116,14 +116,14 @@ def _skeleton(directory: Path, dtype: torch.dtype | None, files: _Files):
     """The model on meta (as ``from_pretrained`` builds it), its dtype and its LoadStateDictConfig."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(directory)
-    if getattr(config, "quantization_config", None) is not None:
-        raise LazyUnsupported("quantized checkpoint: loaded in memory")
-    cls = _model_class(config, False)
     get_dtype = internal("transformers.modeling_utils._get_dtype")
     LoadStateDictConfig = internal("transformers.modeling_utils.LoadStateDictConfig")
     ContextManagers = internal("transformers.utils.generic.ContextManagers")
     get_model_conversion_mapping = internal("transformers.conversion_mapping.get_model_conversion_mapping")
+    config = AutoConfig.from_pretrained(directory)
+    if getattr(config, "quantization_config", None) is not None:
+        raise LazyUnsupported("quantized checkpoint: loaded in memory")
+    cls = _model_class(config, False)
     checkpoint_files = sorted(files.handles)
     config, dtype = get_dtype(dtype or "auto", checkpoint_files, config, None, None, True, None)
     config.name_or_path = str(directory)
