@@ -112,3 +112,18 @@ def test_outcome_model_of_a_lazy_prune_evaluates_in_python(tmp_path):
                                         tokenizer=outcome.tokenizer)["value"]
     saved = api.evaluate_perplexity(tmp_path / "out", f"file:{text}", seqlen=16, device="cpu")["value"]
     assert in_memory == pytest.approx(saved, rel=1e-6)
+
+
+def test_finercut_on_a_bf16_lazy_model_scores_in_float32_without_spilling(texts, tmp_path):
+    """FinerCut scores in float32 (methods.md §8.2). On a lazily loaded bf16 model the blocks are
+    not cast and spilled in float32 (twice the model's size on disk): their placeholders say float32
+    and each read casts (``lazy_store.retype``); an unchanged block goes back to its source."""
+    path = tmp_path / "llama-bf16"
+    torch.manual_seed(0)
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    lazy = _run_both(path, "finercut", dict(method_options={"remove": 0.25}), texts, tmp_path)
+    assert lazy.manifest.method_details["removed"] > 0
+    store = lazy.model._compresskit_lazy_store
+    assert store.spilled_tensors == 0
+    assert all(p.dtype == torch.bfloat16 for p in lazy.model.parameters() if p.is_floating_point())

@@ -2,8 +2,9 @@
 
 The reference loads the model in float32 for the whole search. Here the model keeps its dtype
 for saving: :func:`float32_scoring` casts every floating tensor of the embeddings, blocks and
-head to float32 (each module through ``models.placement.onload``, so a lazily loaded model is
-materialised one module at a time) and casts each tensor back to its own original dtype on exit.
+head to float32 (a lazily loaded block is not read for this: its placeholders say float32 and each
+read casts, so an unchanged block goes back to its source instead of being spilled in float32) and
+casts each tensor back to its own original dtype on exit.
 bf16 / fp16 → fp32 → bf16 / fp16 is exact, so the saved weights are bit-identical; tensors that
 were float32 already (DeepSeek's router, rotary ``inv_freq``) stay float32.
 """
@@ -16,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..models.placement import onload
+from ..models.lazy_store import retype
 
 
 def _modules(adapter) -> list[nn.Module]:
@@ -24,16 +25,21 @@ def _modules(adapter) -> list[nn.Module]:
 
 
 def _cast(module: nn.Module, dtypes: dict[str, torch.dtype] | None) -> dict[str, torch.dtype]:
-    """Cast floating tensors to float32 (``dtypes`` None) or back to ``dtypes``; returns the originals."""
-    seen: dict[str, torch.dtype] = {}
-    with onload(module, "cpu"):
-        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-            if not tensor.is_floating_point():
-                continue
-            seen[name] = tensor.dtype
-            want = torch.float32 if dtypes is None else dtypes.get(name, tensor.dtype)
-            if tensor.dtype != want:
-                tensor.data = tensor.data.to(want)
+    """Cast floating tensors to float32 (``dtypes`` None) or back to ``dtypes``; returns the originals.
+    Tensors of a lazily loaded block are not read: their placeholders change dtype and every later
+    read casts (``models.lazy_store.retype``), so an unchanged block is never spilled in float32."""
+
+    def want(name: str, tensor: torch.Tensor) -> torch.dtype:
+        return torch.float32 if dtypes is None else dtypes.get(name, tensor.dtype)
+
+    seen = retype(module, want)
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if not tensor.is_floating_point() or tensor.is_meta:
+            continue
+        seen[name] = tensor.dtype
+        target = want(name, tensor)
+        if tensor.dtype != target:
+            tensor.data = tensor.data.to(target)
     return seen
 
 

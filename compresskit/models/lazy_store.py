@@ -168,6 +168,46 @@ def _meta_like(tensor: torch.Tensor, ref: LazyRef, parameter: bool, requires_gra
     return meta
 
 
+_FLOAT_BITS = {torch.float16: (5, 10), torch.bfloat16: (8, 7), torch.float32: (8, 23), torch.float64: (11, 52)}
+
+
+def exact_cast(source: torch.dtype, target: torch.dtype) -> bool:
+    """Every value of ``source`` is exactly a value of ``target`` (bf16 / fp16 -> fp32 -> fp64)."""
+    if source == target:
+        return True
+    a, b = _FLOAT_BITS.get(source), _FLOAT_BITS.get(target)
+    return a is not None and b is not None and a[0] <= b[0] and a[1] <= b[1]
+
+
+def retype(module: nn.Module, want: Callable[[str, torch.Tensor], torch.dtype]) -> dict[str, torch.dtype]:
+    """Give every lazily held floating tensor under ``module`` the dtype ``want(name, tensor)`` without
+    reading it: its placeholder changes, and each later ``materialise`` casts the read (a cast that
+    keeps every value, such as bf16 -> fp32, releases to the same source: nothing is spilled).
+    Returns ``{name: old dtype}`` of the tensors it looked at. Real tensors are left alone."""
+    old: dict[str, torch.dtype] = {}
+    done: dict[int, torch.Tensor] = {}
+    names = {id(t): n for n, t in [*module.named_parameters(remove_duplicate=False),
+                                    *module.named_buffers(remove_duplicate=False)]}
+    for owner, kind, name, tensor in tensor_slots(module):
+        ref = lazy_ref(tensor)
+        if ref is None or not tensor.is_floating_point():
+            continue
+        if id(tensor) not in done:
+            full = names.get(id(tensor), name)
+            old[full] = tensor.dtype
+            dtype = want(full, tensor)
+            if dtype == tensor.dtype:
+                done[id(tensor)] = tensor
+            else:
+                meta = torch.empty(tensor.shape, dtype=dtype, device="meta")
+                if kind == "_parameters":
+                    meta = nn.Parameter(meta, requires_grad=tensor.requires_grad)
+                setattr(meta, ATTR, ref)  # the same reference: the source is unchanged, and so are its counts
+                done[id(tensor)] = meta
+        getattr(owner, kind)[name] = done[id(tensor)]
+    return old
+
+
 @dataclass
 class Session:
     """What one ``materialise`` did, so ``release`` can undo it."""
@@ -270,7 +310,10 @@ class LazyStore:
                 # Always a private copy: safetensors hands out tensors backed by its (copy-on-write)
                 # file mapping, and an edit there would show through every later read of the source.
                 raw = self.read(ref.source, cache)
-                value = raw.to(device, copy=True)
+                # The placeholder's dtype is the one the module wants: a retyped placeholder (see
+                # ``retype``) reads its source and casts, instead of holding a changed copy.
+                want = tensor.dtype if raw.is_floating_point() and tensor.is_floating_point() else raw.dtype
+                value = raw.to(device, dtype=want, copy=True)
                 if kind == "_parameters":
                     value = nn.Parameter(value, requires_grad=tensor.requires_grad)
                 session.loaded[id(value)] = (ref.source, tensor_version(value), value, raw)
@@ -327,11 +370,11 @@ class LazyStore:
     @staticmethod
     def _unchanged(tensor: torch.Tensor, entry) -> bool:
         _, version, _, original = entry
-        if tensor_version(tensor) != version:
+        if tensor_version(tensor) != version or original.shape != tensor.shape:
             return False
-        if original.dtype != tensor.dtype or original.shape != tensor.shape:
-            return False
-        return bool(torch.equal(original.to(tensor.device), tensor))
+        if original.dtype != tensor.dtype and not exact_cast(original.dtype, tensor.dtype):
+            return False  # a lossy cast of the source is a change: spilled
+        return bool(torch.equal(original.to(tensor.device, tensor.dtype), tensor))
 
     def _spill(self, items, done: dict[int, torch.Tensor]) -> None:
         from safetensors.torch import save_file
