@@ -1,13 +1,14 @@
 """Peak host RSS of ``compresskit prune`` stays flat in model depth on the lazy path.
 
 Random Llama-shaped models with one block shape (hidden 512, intermediate 1408, fp32: one block is
-12.8 MB, the embeddings + head 33.6 MB) and 4 / 8 / 10 blocks are pruned to 50 % by the real CLI
+12.8 MB, the embeddings + head 33.6 MB) and 4 / 8 blocks are pruned to 50 % by the real CLI
 (tiny calibration file, CPU) and saved, each run in a fresh wrapper process that reports its
 child's peak RSS from the kernel (``benchmarks/memory_lazy.py``, which measures the larger shape
 hidden 1024 / 4-16 blocks and the in-memory path beside it). The shape was 1024 wide and SparseGPT
 went to 16 blocks until the suite had to fit its time budget (that test took 670 s); measured at
 this shape on a loaded 2-core machine: Wanda 578.1 → 577.8 MB from 4 to 8 blocks, SparseGPT 660.0
-→ 665.0 MB from 4 to 12 blocks (118 s; the test stops at 10 blocks to stay well under 120 s).
+→ 665.0 MB from 4 to 12 blocks (118 s; the test stops at 8 blocks: at 10 it took 86 s in CI and
+120 s with torch 2.14).
 
 Bound: going from 4 to more blocks, lazy peak RSS may grow by at most ONE block + ``SLACK_MB``
 (at the earlier 1024-wide shape: Wanda 625.4 → 624.2 MB from 4 to 8 blocks; SparseGPT 834.4 →
@@ -36,7 +37,7 @@ _spec = importlib.util.spec_from_file_location("memory_lazy", ROOT / "benchmarks
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
-HIDDEN, INTERMEDIATE = 512, 1408  # one block 12.8 MB fp32: a leak of one block per block (4 -> 10: +77 MB) fails the bound
+HIDDEN, INTERMEDIATE = 512, 1408  # one block 12.8 MB fp32: a leak of one block per block (4 -> 8: +51 MB) fails the bound
 SLACK_MB = 16.0  # measured growth: -1.2 MB (Wanda 4 -> 8), +14.1 MB (SparseGPT 4 -> 16); see above
 
 
@@ -73,10 +74,10 @@ def test_lazy_prune_peak_rss_is_flat_in_the_number_of_blocks(workspace):
 
 
 @pytest.mark.slow
-def test_lazy_prune_peak_rss_is_flat_up_to_10_blocks_for_sparsegpt(workspace):
+def test_lazy_prune_peak_rss_is_flat_up_to_8_blocks_for_sparsegpt(workspace):
     small, block_mb, _ = _peak(workspace, 4, "lazy", "sparsegpt")
-    large, _, _ = _peak(workspace, 10, "lazy", "sparsegpt")
-    print(f"lazy sparsegpt peak RSS: 4 blocks {small:.1f} MB, 10 blocks {large:.1f} MB (block {block_mb:.1f} MB)")
+    large, _, _ = _peak(workspace, 8, "lazy", "sparsegpt")  # the 8-block model of the Wanda test, reused
+    print(f"lazy sparsegpt peak RSS: 4 blocks {small:.1f} MB, 8 blocks {large:.1f} MB (block {block_mb:.1f} MB)")
     assert large - small <= block_mb + SLACK_MB, (small, large, block_mb)
 
 
