@@ -57,6 +57,8 @@ def test_help_inspect_and_option_errors_import_no_heavy_library(tmp_path):
              ["prune", "--model", "m", "--out", str(tmp_path / "o"), "--method", "wanda", "--sparsity", "1.5"],
              ["prune", "--model", "m", "--out", str(tmp_path / "o"), "--method", "wanda", "--pattern", "3:2"],
              ["prune", "--model", "m", "--out", str(tmp_path / "o"), "--method", "welore", "--sparsity", "0.5"],
+             *(["prune", "--model", "m", "--out", str(tmp_path / "o"), "--method", "cdmoe", flag, "x"]
+               for flag in ("--shared-gate", "--distance", "--expert-weight", "--expert-stop")),
              ["prune", "--model", "m", "--method", "wanda"],  # missing --out: a usage error
              ["eval", "--seqlen", "many"],  # a usage error
              ["eval", str(ckpt), "--limit", "many"], ["eval"]]  # checked by the command before it imports

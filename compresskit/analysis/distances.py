@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DISTANCES = ("js", "angular", "kl", "norm")
-JS_FORMS = ("code", "textbook")
+from .names import DISTANCES, JS_FORMS
 
 
 def _rows(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:

@@ -51,7 +51,7 @@ class CdmoeConfig(MethodConfig):
     @field_validator("shared_gate")
     @classmethod
     def _gate_mode(cls, value: str) -> str:
-        from ..moe.condense import SHARED_GATE_MODES
+        from ..moe.choices import SHARED_GATE_MODES
 
         if value not in SHARED_GATE_MODES:
             raise ValueError(f"must be one of {', '.join(SHARED_GATE_MODES)}, got {value!r}")
@@ -60,7 +60,7 @@ class CdmoeConfig(MethodConfig):
     @field_validator("expert_weight")
     @classmethod
     def _weight(cls, value: str) -> str:
-        from ..moe.stats import EXPERT_WEIGHTS
+        from ..moe.choices import EXPERT_WEIGHTS
 
         if value not in EXPERT_WEIGHTS:
             raise ValueError(f"must be one of {', '.join(EXPERT_WEIGHTS)}, got {value!r}")
@@ -69,7 +69,7 @@ class CdmoeConfig(MethodConfig):
     @field_validator("expert_stop")
     @classmethod
     def _stop(cls, value: str) -> str:
-        from ..moe.search import EXPERT_STOPS
+        from ..moe.choices import EXPERT_STOPS
 
         if value not in EXPERT_STOPS:
             raise ValueError(f"must be one of {', '.join(EXPERT_STOPS)}, got {value!r}")
@@ -78,7 +78,7 @@ class CdmoeConfig(MethodConfig):
     @field_validator("distance")
     @classmethod
     def _distance(cls, value: str) -> str:
-        from ..analysis.distances import DISTANCES
+        from ..analysis.names import DISTANCES
 
         if value not in DISTANCES:
             raise ValueError(f"must be one of {', '.join(DISTANCES)}, got {value!r}")

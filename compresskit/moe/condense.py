@@ -24,9 +24,9 @@ from torch import nn
 
 from ..errors import InputError, UnsupportedArchitectureError
 from ..models.adapters.moe import MoEView
+from .choices import SHARED_GATE_MODES
 from .stats import expert_act
 
-SHARED_GATE_MODES = ("exact", "constant")
 
 
 class SwiGLU(nn.Module):

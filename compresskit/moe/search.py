@@ -32,12 +32,11 @@ from ..analysis.distances import DISTANCES, distance as distance_fn
 from ..engine.distributed import all_reduce_floats
 from ..models.adapters.moe import MoEView
 from ..models.placement import onload
+from .choices import EXPERT_STOPS
 from .condense import shared_output
 from .stats import expert_act, expert_forward
 
 JS_EPS = 1e-10  # CD-MoE's ε inside the logs
-#: when the greedy expert search stops: at the budget (the reference) or when D stops improving
-EXPERT_STOPS = ("budget", "objective")
 
 
 def batched_distance(name: str, refs: list[torch.Tensor], news: list[torch.Tensor],

@@ -29,11 +29,8 @@ from torch import nn
 
 from ..errors import UnsupportedArchitectureError
 from ..models.adapters.moe import ExpertView, MoEView
+from .choices import EXPERT_WEIGHTS
 
-
-#: CD-MoE's constant per kept expert (methods.md §7.1): the paper's mean over the expert's own
-#: tokens, or the mean over all tokens of the layer (an expert's weight counted as 0 where not routed)
-EXPERT_WEIGHTS = ("routed", "unconditional")
 
 
 @dataclass
