@@ -185,7 +185,7 @@ def prune(
         },
         structure=structure,
         loadable_with_transformers=not structure,
-        form_reason=result.form_reason,
+        form_reason=_form_reason(result, structure),
         dtype=str(next(model_obj.parameters()).dtype).removeprefix("torch."),
         timings={"load_s": load_s, "method_s": method_s, **result.timings},
     )
@@ -270,6 +270,16 @@ def _structure(model_obj, result) -> list[dict]:
     if missing:  # a method replaced modules of a kind that cannot be read back: a bug, not a user error
         raise RuntimeError(f"structure kind(s) {sorted(missing)} are not described by the model's modules")
     return structure
+
+
+def _form_reason(result, structure: list[dict]) -> str | None:
+    """The method's own reason, unless earlier stages left module replacements that keep the output
+    from being stock although this stage's result alone would be (FinerCut stubs, then CD-MoE stock)."""
+    if structure and not result.structure:
+        kinds = ", ".join(sorted({e["kind"] for e in structure}))
+        return (f"not a stock checkpoint: an earlier stage's {kinds} stays (this stage alone"
+                + (f": {result.form_reason}" if result.form_reason else " would be stock") + ")")
+    return result.form_reason
 
 
 def _torch_dtype(name: str) -> torch.dtype:

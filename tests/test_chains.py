@@ -180,6 +180,8 @@ def test_cdmoe_then_reap_saves_and_reloads(saved, calib, tmp_path, stock):
     reaped = second.manifest.method_details["moe_blocks"]
     assert len(reaped) == 3 and not set(condensed) & set(reaped)
     assert _config(tmp_path / "b")["num_experts"] == 2
+    # REAP alone writes a stock checkpoint; after a compact CD-MoE stage the form must say it is not one
+    assert ("earlier stage" in (second.manifest.form_reason or "")) is not stock
     _assert_reloads(second, tmp_path / "b", stock=stock)
 
 
