@@ -92,6 +92,7 @@ def test_peak_memory_cpu_is_maxrss_growth(monkeypatch):
     assert (peak.bytes, peak.kind) == (500 * 1024, "cpu_maxrss_delta")
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # the decode loop uses the forward's own cache keyword
 def test_throughput_positive_and_restores_use_cache():
     model = tiny_model("llama")
     assert model.config.use_cache is False

@@ -143,15 +143,25 @@ class _Timer:
             self.seconds = time.perf_counter() - self.t0
 
 
+def _cache_of(out):
+    """The KV cache a forward returned: ``cache`` since transformers 5.2x, ``past_key_values`` before."""
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
 def _generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int, timer_device: torch.device):
     """Greedy decode with a KV cache; returns (prefill seconds, decode seconds)."""
+    import inspect
+
+    # the keyword the model's forward takes (transformers renamed past_key_values to cache, with a
+    # deprecation warning for the old name)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with _Timer(timer_device) as prefill:
         out = model(input_ids=prompt, use_cache=True)
-    past, next_token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    past, next_token = _cache_of(out), out.logits[:, -1:].argmax(-1)
     with _Timer(timer_device) as decode:
         for _ in range(new_tokens):
-            out = model(input_ids=next_token, past_key_values=past, use_cache=True)
-            past, next_token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=next_token, use_cache=True, **{name: past})
+            past, next_token = _cache_of(out), out.logits[:, -1:].argmax(-1)
     return prefill.seconds, decode.seconds
 
 
