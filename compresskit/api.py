@@ -338,15 +338,18 @@ def inspect(path: str | Path) -> Manifest:
 def evaluate_perplexity(
     path_or_model,
     dataset: str = "wikitext2",
-    seqlen: int = 2048,
+    seqlen: int | None = None,
     device: str = "auto",
     batch_size: int = 1,
     max_windows: int | None = None,
     tokenizer=None,
     progress=None,
 ) -> dict:
-    """The papers' windowed perplexity of a checkpoint directory, model name, or in-memory model."""
+    """The papers' windowed perplexity of a checkpoint directory, model name, or in-memory model.
+    ``seqlen`` None: 2048, or the model's context when shorter (a note says so), as ``eval`` does;
+    a given one above the context is an error."""
     from .evaluation.perplexity import perplexity
+    from .models.context import fit_seqlen
 
     dev = resolve_device(device)
     if isinstance(path_or_model, (str, Path)):
@@ -360,5 +363,6 @@ def evaluate_perplexity(
     else:
         model, tok = path_or_model, tokenizer
         move_model(model, dev)
+    seqlen, _ = fit_seqlen(model, seqlen, 2048)
     return perplexity(model, tok, dataset, seqlen=seqlen, batch_size=batch_size, device=dev,
                       max_windows=max_windows, progress=progress)

@@ -89,3 +89,19 @@ def test_file_sources_and_errors(tiny, tmp_path):
         perplexity_tokens(tok, "ptb-bogus", 8)
     with pytest.raises(EvaluationError, match="Hub"):
         perplexity_tokens(tok, "c4", 8)  # HF_HUB_OFFLINE=1 in the test environment
+
+
+def test_python_api_fits_an_unset_seqlen_to_the_model_context(tiny, tmp_path):
+    """``compresskit.evaluate_perplexity`` without ``seqlen`` uses 2048, or the model's context when
+    shorter (256 here), with a note, as ``eval`` does; a given length above the context is an error."""
+    from compresskit import api
+    from compresskit.errors import CompressKitNote, InputError
+
+    model, tok = tiny
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 300)
+    with pytest.warns(CompressKitNote, match="using 256, the model's max_position_embeddings"):
+        result = api.evaluate_perplexity(model, f"file:{text}", tokenizer=tok, device="cpu", max_windows=1)
+    assert result["seqlen"] == 256 and math.isfinite(result["value"])
+    with pytest.raises(InputError, match="above the model's max_position_embeddings 256"):
+        api.evaluate_perplexity(model, f"file:{text}", tokenizer=tok, device="cpu", seqlen=4096)
