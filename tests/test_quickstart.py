@@ -158,6 +158,7 @@ def _clone_env(tmp_path: Path, clone: Path) -> dict[str, str]:
            if k not in ("COMPRESSKIT_SHARED_DIR", "COMPRESSKIT_WIKITEXT2_FILE", "COMPRESSKIT_CALIBRATION_DIR")}
     env.update(
         HF_HUB_OFFLINE="1", PYTHONPATH=str(clone), PATH=f"{bindir}{os.pathsep}{env.get('PATH', '')}",
+        OMP_NUM_THREADS="1",  # beside the other xdist worker, more threads oversubscribe the cores
         QUICKSTART_SKIP_SETUP="1",
         QUICKSTART_NSAMPLES=os.environ.get("QUICKSTART_NSAMPLES", "4"),
         QUICKSTART_SEQLEN=os.environ.get("QUICKSTART_SEQLEN", "128"),
