@@ -60,6 +60,14 @@ def run_cli(*args: str) -> CliResult:
     return CliResult(code, out.getvalue(), err.getvalue())
 
 
+def needs_shared(path) -> Path:
+    """``path`` (a file or folder of ``../shared``), or skip: a user's clone has no shared folder."""
+    path = Path(path)
+    if not path.exists():
+        pytest.skip(f"shared data missing: {path}")
+    return path
+
+
 @pytest.fixture
 def cli():
     return run_cli

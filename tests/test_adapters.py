@@ -13,6 +13,7 @@ from compresskit.models import get_adapter, load_model, supported_families
 from compresskit.models.adapters.moe import ExpertView, _fused_expert_views
 from compresskit.paths import shared_models_dir
 from tiny_models import MOE_FAMILIES, TINY_FAMILIES, tiny_model
+from conftest import needs_shared
 
 BLOCKS_PATH = {f: "model.layers" for f in TINY_FAMILIES}
 BLOCKS_PATH.update(opt="model.decoder.layers", gpt_neox="gpt_neox.layers", llava="model.language_model.layers")
@@ -397,7 +398,7 @@ REAL_MOE = {
 @pytest.mark.parametrize("name", sorted(REAL_MOE))
 def test_real_moe_models(name):
     family, experts, inter, top_k, shared_inter, has_gate = REAL_MOE[name]
-    model, tokenizer = load_model(str(shared_models_dir() / name), dtype="float32")
+    model, tokenizer = load_model(str(needs_shared(shared_models_dir() / name)), dtype="float32")
     adapter = get_adapter(model)
     assert adapter.family == family and adapter.num_blocks == 8
     assert not adapter.is_moe(0) and adapter.moe(0) is None

@@ -18,6 +18,8 @@ from compresskit.evaluate import ppl_requests
 from compresskit.evaluation.results import EvalResult
 from compresskit.evaluation.task_sets import tasks_dir
 from compresskit.models import load_model
+from conftest import needs_shared
+from compresskit.paths import shared_data_dir
 
 PIQA_ITEMS = 4
 
@@ -74,6 +76,7 @@ def _piqa_accuracy(model, tok, n: int) -> float:
 
 
 def test_eval_cli_local_task_and_ppl_file_round_trip(cli, checkpoint, text_file, tmp_path):
+    needs_shared(shared_data_dir() / "piqa" / "valid.jsonl")
     out = tmp_path / "eval.json"
     res = cli("eval", checkpoint, "--task-file", tasks_dir() / "piqa_local.yaml", "--limit", str(PIQA_ITEMS),
               "--batch-size", "2", "--ppl-file", text_file, "--seqlen", "32", "--device", "cpu", "--quiet",

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import needs_shared, run_cli
 from hostile_harness import Ctx, Row, make_inputs, run_row
+from compresskit.paths import shared_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
@@ -278,6 +279,7 @@ def test_finetune_help_speaks_of_welore_and_cdmoe():
 def test_eval_tasks_outside_a_git_checkout_is_quiet(tiny_model_dir, tmp_path, monkeypatch, capfd):
     """lm-eval asked git for the current folder's commit ("fatal: not a git repository" on the real
     stderr) and drew its bars on a stderr that is not a terminal; neither reaches the user now."""
+    needs_shared(shared_data_dir() / "piqa" / "valid.jsonl")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # tmp_path is no checkout, whatever is above
     res = run_cli("eval", str(tiny_model_dir("llama")), "--tasks", "piqa_local", "--limit", "2", "--device", "cpu")

@@ -27,6 +27,8 @@ from compresskit.evaluation.lmeval import (
 )
 from compresskit.evaluation.task_sets import load_task_sets, tasks_dir
 from tiny_models import tiny_model, tiny_tokenizer
+from conftest import needs_shared
+from compresskit.paths import shared_data_dir
 
 
 def _piqa_module():
@@ -51,6 +53,7 @@ def _continuation_loglik(model, tok, context: str, continuation: str) -> float:
 
 # ----------------------------------------------------------------------------- PIQA
 def test_piqa_local_equals_direct_loglikelihood(model_and_tokenizer):
+    needs_shared(shared_data_dir() / "piqa" / "valid.jsonl")
     model, tok = model_and_tokenizer
     out = run_lm_eval(model, tok, "piqa_local", limit=8, batch_size=4, return_samples=True)
 

@@ -18,6 +18,7 @@ from compresskit.models import BUILTIN_MODELS, get_adapter, load_model, resolve_
 from compresskit.models import builtin, loading
 from compresskit.paths import shared_models_dir
 from tiny_models import tiny_model, tiny_tokenizer
+from conftest import needs_shared
 
 DEEPSEEK = shared_models_dir() / "deepseek-v2-moe-25m"
 
@@ -44,7 +45,7 @@ def _save_tiny(family: str, path: Path, with_tokenizer: bool = True) -> torch.nn
 # ---- local directories ----------------------------------------------------------------------------
 
 def test_local_shared_model_keeps_checkpoint_dtype():
-    model, tokenizer = load_model(str(DEEPSEEK))
+    model, tokenizer = load_model(str(needs_shared(DEEPSEEK)))
     assert type(model).__name__ == "DeepseekV2ForCausalLM"
     # config.json says bfloat16; transformers >= 5.24 keeps the router in fp32 (_keep_in_fp32_modules_strict)
     keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
@@ -82,7 +83,7 @@ def test_llava_wrapper_loads_through_image_text_to_text(tmp_path):
 
 def test_left_padded_batch_matches_unpadded_sequences():
     """SDPA with a padded attention mask: each row's real positions match the row run alone."""
-    model, tokenizer = load_model(str(DEEPSEEK), dtype="float32")
+    model, tokenizer = load_model(str(needs_shared(DEEPSEEK)), dtype="float32")
     assert model.config._attn_implementation == "sdpa"
     texts = ["Call me Ishmael. Some years ago, never mind how long", "Natalie sold clips"]
     tokenizer.padding_side = "left"

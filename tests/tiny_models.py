@@ -232,7 +232,34 @@ def tiny_model(family: str, seed: int = 0) -> PreTrainedModel:
 def _load_tiny_tokenizer() -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(shared_models_dir() / "deepseek-v2-moe-25m"))
+    shared = shared_models_dir() / "deepseek-v2-moe-25m"
+    if (shared / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(shared))
+    return _trained_tokenizer()
+
+
+def _trained_tokenizer() -> PreTrainedTokenizerBase:
+    """Without ``../shared`` (a user's clone): a byte-level BPE of the same size and special tokens
+    (``<|endoftext|>`` = id 0 = bos = eos = pad, nothing added around a text), trained in about a
+    second on the demo texts the package ships. Deterministic; tests that need the real tokenizer's
+    exact ids read ``../shared`` and skip without it."""
+    import json as _json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from compresskit.demo_data import CALIBRATION_FILE, PERPLEXITY_FILE
+
+    texts = [_json.loads(line)["text"] for line in CALIBRATION_FILE.read_text().splitlines() if line.strip()]
+    texts += PERPLEXITY_FILE.read_text().split("\n\n")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerBase:
