@@ -48,40 +48,16 @@ class CdmoeConfig(MethodConfig):
                         description="Write a stock transformers checkpoint where the config can hold it "
                                     "(--no-stock: always the compact compresskit form).")
 
-    @field_validator("shared_gate")
+    @field_validator("shared_gate", "expert_weight", "expert_stop", "distance")
     @classmethod
-    def _gate_mode(cls, value: str) -> str:
-        from ..moe.choices import SHARED_GATE_MODES
-
-        if value not in SHARED_GATE_MODES:
-            raise ValueError(f"must be one of {', '.join(SHARED_GATE_MODES)}, got {value!r}")
-        return value
-
-    @field_validator("expert_weight")
-    @classmethod
-    def _weight(cls, value: str) -> str:
-        from ..moe.choices import EXPERT_WEIGHTS
-
-        if value not in EXPERT_WEIGHTS:
-            raise ValueError(f"must be one of {', '.join(EXPERT_WEIGHTS)}, got {value!r}")
-        return value
-
-    @field_validator("expert_stop")
-    @classmethod
-    def _stop(cls, value: str) -> str:
-        from ..moe.choices import EXPERT_STOPS
-
-        if value not in EXPERT_STOPS:
-            raise ValueError(f"must be one of {', '.join(EXPERT_STOPS)}, got {value!r}")
-        return value
-
-    @field_validator("distance")
-    @classmethod
-    def _distance(cls, value: str) -> str:
+    def _one_of(cls, value: str, info) -> str:
         from ..analysis.names import DISTANCES
+        from ..moe.choices import EXPERT_STOPS, EXPERT_WEIGHTS, SHARED_GATE_MODES
 
-        if value not in DISTANCES:
-            raise ValueError(f"must be one of {', '.join(DISTANCES)}, got {value!r}")
+        choices = {"shared_gate": SHARED_GATE_MODES, "expert_weight": EXPERT_WEIGHTS, "expert_stop": EXPERT_STOPS,
+                   "distance": DISTANCES}[info.field_name]
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
         return value
 
 
