@@ -342,43 +342,38 @@ class OutputGuard:
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` atomically (temporary sibling, then rename); ``OSError`` becomes ``OutputError``."""
     path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    except OSError as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    def write(fh) -> None:
+        fh.write(text.encode("utf-8"))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+    return _write_atomically(path, write, f"cannot write {path}")
 
 
 def save_png(fig, path: str | os.PathLike, *, dpi: int = 110, flag: str = "--plot") -> Path:
     """Write a matplotlib figure as a PNG marked as compresskit's (``PNG_METADATA``), atomically
     (temporary sibling, then rename); ``OSError`` becomes one ``OutputError`` line."""
     path = Path(path)
+    return _write_atomically(path, lambda fh: fig.savefig(fh, dpi=dpi, format="png", metadata=PNG_METADATA),
+                             f"cannot write {flag} {path}")
+
+
+def _write_atomically(path: Path, write, what: str) -> Path:
+    """``write(binary file)`` into a temporary sibling of ``path``, then rename it into place with
+    the umask's mode; nothing is left behind on failure, and ``OSError`` becomes one line ``what: reason``."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, dpi=dpi, format="png", metadata=PNG_METADATA)
+            write(fh)
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except OSError as exc:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"cannot write {flag} {path}: {exc.strerror or exc}") from None
+        raise OutputError(f"{what}: {exc.strerror or exc}") from None
     except BaseException:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
