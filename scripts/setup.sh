@@ -11,6 +11,10 @@ PY=${PYTHON:-python3}
 VENV=${COMPRESSKIT_VENV:-.venv}
 LOCK=requirements/ci.txt
 if [ ! -x "$VENV/bin/python" ] || [ ! -f "$VENV/bin/activate" ]; then
+  if [ -e "$VENV" ] && [ ! -f "$VENV/pyvenv.cfg" ]; then  # never delete a folder that is not a virtualenv
+    echo "error: $VENV exists and is not a virtual environment; move it or set COMPRESSKIT_VENV" >&2
+    exit 2
+  fi
   rm -rf "$VENV"  # absent, or left half-made by an interrupted run
   "$PY" -m venv "$VENV"
 fi
