@@ -53,3 +53,48 @@ def test_token_mask_ignores_padding():
     b_pad[0, 3:] = 1e3  # garbage in padded positions
     assert math.isclose(js_divergence(a, b_pad, mask).item(), js_divergence(a[:, :3], b[:, :3]).item(), rel_tol=1e-12)
     assert math.isclose(kl_divergence(a, b_pad, mask).item(), kl_divergence(a[:, :3], b[:, :3]).item(), rel_tol=1e-12)
+
+
+def test_token_kl_is_zero_for_equal_logits_and_matches_the_full_kl():
+    import torch
+
+    from compresskit.analysis.distances import token_kl
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 5, 11, generator=g)
+    b = torch.randn(2, 5, 11, generator=g)
+    assert token_kl(a, a).abs().max().item() < 1e-12
+    assert token_kl(a, b).shape == (10,)
+    assert math.isclose(token_kl(a, b).mean().item(), kl_divergence(a, b).item(), rel_tol=1e-12)
+    # by hand, one row
+    p, q = torch.softmax(a[0, 0].double(), -1), torch.softmax(b[0, 0].double(), -1)
+    assert math.isclose(token_kl(a, b)[0].item(), (p * (p / q).log()).sum().item(), rel_tol=1e-12)
+
+
+def test_top_k_kl_renormalises_both_over_the_references_top_k_like_evopress():
+    import torch
+
+    from compresskit.analysis.distances import token_kl, top_k_logits
+
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(3, 7, 50, generator=g)
+    b = torch.randn(3, 7, 50, generator=g)
+    values, ids = top_k_logits(a, 4)
+    got = token_kl((values, ids), b)
+    p = torch.softmax(values.double(), -1)
+    q = torch.softmax(b.double().gather(-1, ids), -1)
+    want = (p * (p / q).log()).sum(-1).reshape(-1)
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    # K = vocab is the full KL
+    assert torch.allclose(token_kl(top_k_logits(a, 50), b), token_kl(a, b), rtol=1e-10, atol=1e-12)
+
+
+def test_token_kl_gradient_matches_a_finite_difference_with_temperature():
+    import torch
+
+    from compresskit.analysis.distances import token_kl
+
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(4, 9, generator=g, dtype=torch.float64)
+    b = torch.randn(4, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: token_kl(a, x, temperature=2.0).sum(), (b,))

@@ -54,9 +54,44 @@ def js_divergence(ref: torch.Tensor, new: torch.Tensor, token_mask: torch.Tensor
 
 def kl_divergence(ref: torch.Tensor, new: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over rows of KL(softmax(ref) ‖ softmax(new))."""
-    a, b = _rows(ref, token_mask), _rows(new, token_mask)
+    return token_kl(ref, new, token_mask).mean()
+
+
+def top_k_logits(ref: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest logits of every row of ``ref`` and their vocabulary ids (what a top-K KL
+    keeps of the reference model: ``k/vocab`` of the memory of its full logits)."""
+    values, indices = ref.topk(min(int(k), ref.shape[-1]), dim=-1)
+    return values, indices
+
+
+def token_kl(ref: torch.Tensor | tuple[torch.Tensor, torch.Tensor], new: torch.Tensor,
+             token_mask: torch.Tensor | None = None, dtype: torch.dtype = torch.float64,
+             temperature: float = 1.0) -> torch.Tensor:
+    """KL(p_ref ‖ p_new) per token, a 1-D tensor over the real tokens (``token_mask``), in ``dtype``.
+
+    The one KL of the toolkit: EvoPress's fitness (methods.md §14, with ``reduction`` left to the
+    caller, which averages over all tokens of a stage) and healing's distillation loss (any
+    ``dtype``, differentiable in ``new``; ``temperature`` T divides both logits, as in Hinton et
+    al.; callers scale the loss by T²).
+
+    ``ref`` is either full logits ``[..., vocab]`` or ``(values, indices)`` from
+    :func:`top_k_logits`: the top-K KL of EvoPress's reference (``compute_sparse_kl_div``), where
+    the candidate's logits are gathered at the reference's top-K ids and both are renormalised
+    over those K entries (softmax over K), so it is a KL between two distributions on K outcomes.
+    """
+    if isinstance(ref, tuple):
+        values, indices = ref
+        new = new.gather(-1, indices.to(new.device))
+        ref = values
+    a = ref.to(dtype) / temperature
+    b = new.to(dtype) / temperature
+    if token_mask is not None:
+        keep = token_mask.bool().to(a.device)
+        a, b = a[keep], b[keep]
+    else:
+        a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
     log_p, log_q = F.log_softmax(a, dim=-1), F.log_softmax(b, dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def angular_distance(ref: torch.Tensor, new: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
