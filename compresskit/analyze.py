@@ -21,16 +21,29 @@ from .outputs import PNG_METADATA, OutputGuard, save_png  # noqa: F401 - PNG_MET
 
 _METRICS: dict[str, Callable[..., dict]] = {}
 
+#: Every metric and the options it reads, declared here without torch so that ``--metric nope`` or an
+#: option the metric does not read answers before anything heavy is imported. The modules that
+#: register a metric (``register_metric``) must declare the same options (a test checks).
+METRIC_OPTIONS: dict[str, tuple[str, ...]] = {
+    "owl": ("owl_m", "owl_lambda"),
+    "alpha": ("alpha_epsilon", "alpha_metric", "alpha_mapping"),
+    "spectrum": ("rank_reduction", "min_ratio", "profile_points", "plot"),
+    "experts": ("plot",),
+}
 
-_METRIC_OPTIONS: dict[str, tuple[str, ...]] = {}
+#: The method whose config validates a metric's options before the model is loaded.
+_METRIC_CONFIG = {"owl": "owl", "alpha": "alphapruning"}
 
 
 def register_metric(name: str, options: tuple[str, ...] = ()):
     """Register ``fn(job, options)`` as ``--metric name``; ``options`` are the keys it reads (any other
     option given is refused before the model is loaded, never silently ignored)."""
+    declared = METRIC_OPTIONS.setdefault(name, tuple(options))
+    if set(declared) != set(options):  # a programming error: the torch-free declaration is stale
+        raise RuntimeError(f"metric {name!r} reads {sorted(options)} but analyze.METRIC_OPTIONS declares {sorted(declared)}")
+
     def deco(fn):
         _METRICS[name] = fn
-        _METRIC_OPTIONS[name] = tuple(options)
         return fn
 
     return deco
@@ -39,6 +52,23 @@ def register_metric(name: str, options: tuple[str, ...] = ()):
 def available_metrics() -> list[str]:
     _load_metric_modules()
     return sorted(_METRICS)
+
+
+def check_metric_options(metric: str, sparsity: float | None, options: dict) -> None:
+    """Everything the option values alone decide, one line each, without torch: the metric, the
+    preview sparsity, options the metric does not read, and their values (the method's config)."""
+    if metric not in METRIC_OPTIONS:
+        raise InputError(f"unknown metric '{metric}'; choose one of: {', '.join(sorted(METRIC_OPTIONS))}")
+    if sparsity is not None and not 0 <= sparsity < 1:
+        raise InputError(f"--sparsity must be in [0, 1), got {sparsity}")
+    stray = [k for k, v in options.items() if v is not None and k not in METRIC_OPTIONS[metric]]
+    if stray:
+        flags = ", ".join("--" + k.replace("_", "-") for k in stray)
+        raise InputError(f"{flags} {'does' if len(stray) == 1 else 'do'} not apply to --metric {metric}")
+    if metric in _METRIC_CONFIG:
+        from .methods import get_method  # pydantic configs only (methods/*.py import no torch)
+
+        get_method(_METRIC_CONFIG[metric]).make_config(options, context=f"--metric {metric}")
 
 
 def _load_metric_modules() -> None:
@@ -102,23 +132,16 @@ def _alpha(job, options: dict) -> dict:
 def analyze(model: str | Any, metric: str, *, sparsity: float | None = 0.7, options: dict | None = None,
             plot: str | Path | None = None, tokenizer=None, **job_kwargs) -> dict:
     """Compute a per-layer metric of ``model`` (nothing is modified) and optionally plot it."""
-    from .api import build_job
-
-    _load_metric_modules()
-    if metric not in _METRICS:
-        raise InputError(f"unknown metric '{metric}'; choose one of: {', '.join(sorted(_METRICS))}")
-    if sparsity is not None and not 0 <= sparsity < 1:
-        raise InputError(f"--sparsity must be in [0, 1), got {sparsity}")
     options = dict(options or {})
-    stray = [k for k, v in options.items() if v is not None and k not in _METRIC_OPTIONS[metric]]
-    if stray:
-        flags = ", ".join("--" + k.replace("_", "-") for k in stray)
-        raise InputError(f"{flags} {'does' if len(stray) == 1 else 'do'} not apply to --metric {metric}")
+    check_metric_options(metric, sparsity, options)
     inputs = [model if isinstance(model, str) else None, job_kwargs.get("calib")]
     if plot is not None:
         plot = check_plot_path(plot, inputs)
     if options.get("plot") is not None:
         options["plot"] = check_plot_path(options["plot"], inputs)
+    from .api import build_job  # torch and transformers: after every check of the options
+
+    _load_metric_modules()
     job = build_job(model, tokenizer=tokenizer, sparsity=sparsity, **job_kwargs)
     report = _METRICS[metric](job, options)
     if job._calibration_fitted:  # the calibration length used (an unset --seqlen fitted to the model)

@@ -20,11 +20,12 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import MANIFEST_NAME, Manifest, load_with_tokenizer
+from .checkpoint.manifest import MANIFEST_NAME, Manifest
 from .errors import InputError
 from .evaluation.results import Efficiency, EvalResult, ModelInfo, PerplexityResult, compute_set_means
-from .models.placement import move_model
-from .models.loading import resolve_device, resolve_dtype
+
+# torch and transformers are imported by the functions that load and score a model, so that
+# ``check_options`` (which ``compresskit eval`` calls first) answers a bad option without them.
 
 Progress = Callable[[str, int, int, str], None]
 #: ``demo``: the shipped public-domain sample; ``auto``: WikiText-2, else ``demo`` (keyed by the one used).
@@ -73,7 +74,9 @@ def manifest_summary(manifest: Manifest) -> dict:
 
 def _load(target, tokenizer, *, device, dtype: str, revision: str | None):
     """(model, tokenizer, ModelInfo, folder holding its weights or None)."""
-    from .models import load_model
+    from .checkpoint import load_with_tokenizer
+    from .models import load_model, resolve_dtype
+    from .models.placement import move_model
     from .models.builtin import builtin_model_dir, is_builtin
 
     if not isinstance(target, (str, Path)):
@@ -142,6 +145,23 @@ def _parse_batch_size(batch_size: int | str) -> int | str:
     return value
 
 
+def check_options(*, seqlen: int | None = None, max_windows: int | None = None, limit: int | float | None = None,
+                  ppl_batch_size: int = 1, batch_size: int | str = "auto") -> int | str:
+    """The checks that the option values alone decide, one line each (``InputError``), without torch:
+    ``compresskit eval`` calls this before it imports anything that loads a model. Returns the
+    parsed lm-eval ``batch_size``."""
+    batch_size = _parse_batch_size(batch_size)
+    if seqlen is not None and seqlen < 1:
+        raise InputError(f"--seqlen must be at least 1, got {seqlen}")
+    if limit is not None and (isinstance(limit, bool) or limit <= 0):
+        raise InputError(f"--limit must be a positive number of examples (100) or a fraction (0.1), got {limit!r}")
+    if max_windows is not None and max_windows < 1:
+        raise InputError(f"--max-windows must be at least 1 (omit it for all windows), got {max_windows}")
+    if ppl_batch_size < 1:
+        raise InputError(f"--ppl-batch-size must be at least 1, got {ppl_batch_size}")
+    return batch_size
+
+
 # ----------------------------------------------------------------------------- entry point
 def evaluate(
     path_or_model,
@@ -191,15 +211,10 @@ def evaluate(
             raise InputError("--task-file with a folder indexes its tasks; name the ones to run with --tasks")
     if not ppl_specs and not task_names and not efficiency:
         ppl_specs = ppl_requests("wikitext2")
-    batch_size = _parse_batch_size(batch_size)
-    if seqlen is not None and seqlen < 1:
-        raise InputError(f"--seqlen must be at least 1, got {seqlen}")
-    if limit is not None and (isinstance(limit, bool) or limit <= 0):
-        raise InputError(f"--limit must be a positive number of examples (100) or a fraction (0.1), got {limit!r}")
-    if max_windows is not None and max_windows < 1:
-        raise InputError(f"--max-windows must be at least 1 (omit it for all windows), got {max_windows}")
-    if ppl_batch_size < 1:
-        raise InputError(f"--ppl-batch-size must be at least 1, got {ppl_batch_size}")
+    batch_size = check_options(seqlen=seqlen, max_windows=max_windows, limit=limit, ppl_batch_size=ppl_batch_size,
+                               batch_size=batch_size)
+    from .models import resolve_device
+
     dev = resolve_device(device)
     extra: dict[str, Any] = {}
     if baseline:

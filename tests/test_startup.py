@@ -92,3 +92,42 @@ def test_welore_default_min_ratio_is_the_plans():
     from compresskit.methods.welore import WeLoreConfig
 
     assert WeLoreConfig.model_fields["min_ratio"].default == DEFAULT_MIN_RATIO
+
+
+def test_analyze_and_eval_option_errors_answer_in_one_line_without_torch(tmp_path):
+    """``analyze --metric nope``, an option the metric does not read, a bad OWL value, and eval's
+    ``--max-windows`` / ``--seqlen`` / ``--ppl-batch-size`` / ``--batch-size`` checks: exit 2, one
+    ``error:`` line, torch never imported (issue 17)."""
+    from compresskit.checkpoint.manifest import Manifest
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    Manifest(method="magnitude", base_model="tiny").write(ckpt)
+    cases = {
+        ("analyze", "--model", "m", "--metric", "nope"): "unknown metric 'nope'; choose one of: alpha, experts, owl, spectrum",
+        ("analyze", "--model", "m", "--metric", "owl", "--alpha-epsilon", "0.3"): "--alpha-epsilon does not apply to --metric owl",
+        ("analyze", "--model", "m", "--metric", "experts", "--owl-m", "3"): "--owl-m does not apply to --metric experts",
+        ("analyze", "--model", "m", "--metric", "owl", "--sparsity", "1.5"): "--sparsity must be in [0, 1), got 1.5",
+        ("analyze", "--model", "m", "--metric", "owl", "--owl-lambda", "-1"): "--metric owl",
+        ("eval", str(ckpt), "--max-windows", "0"): "--max-windows must be at least 1 (omit it for all windows), got 0",
+        ("eval", str(ckpt), "--seqlen", "0"): "--seqlen must be at least 1, got 0",
+        ("eval", "--model", "m", "--seqlen", "-5"): "--seqlen must be at least 1, got -5",
+        ("eval", str(ckpt), "--ppl-batch-size", "0"): "--ppl-batch-size must be at least 1, got 0",
+        ("eval", str(ckpt), "--batch-size", "many"): "--batch-size must be 'auto' or a positive integer, got 'many'",
+    }
+    report = _probe([list(argv) for argv in cases])
+    for argv, message in cases.items():
+        code, heavy = report[" ".join(argv)]
+        assert (code, heavy) == (2, []), (argv, code, heavy)
+        res = subprocess.run([sys.executable, "-m", "compresskit", *argv], capture_output=True, text=True, timeout=120)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (argv, res.stderr)
+
+
+def test_analyze_declares_every_registered_metric_without_torch():
+    """``analyze.METRIC_OPTIONS`` (torch-free) names each registered metric with the options it reads."""
+    from compresskit import analyze
+
+    declared = dict(analyze.METRIC_OPTIONS)
+    assert sorted(analyze.available_metrics()) == sorted(declared)  # imports the registering modules
+    assert analyze.METRIC_OPTIONS == declared
