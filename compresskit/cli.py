@@ -273,6 +273,10 @@ def eval_(
         parsed_limit = None if limit is None else (float(limit) if "." in limit else int(limit))
     except ValueError:
         raise InputError(f"--limit must be a number of examples (100) or a fraction (0.1), got {limit!r}") from None
+    from .evaluate import check_options  # torch-free: a bad value answers before torch is imported
+
+    check_options(seqlen=seqlen, max_windows=max_windows, limit=parsed_limit, ppl_batch_size=ppl_batch_size,
+                  batch_size=batch_size)
     from .commands.result_tables import result_table  # after the option checks: these import torch
     from .evaluate import base_model_and_revision, evaluate
     from .evaluation.compare import compare, render_table
