@@ -120,11 +120,14 @@ def greedy_search(
     one_shot: bool = False,
     prefix_cache: bool = True,
     progress: Callable[[int, int, str], None] | None = None,
+    eligible: Callable[[Candidate, list[Step]], bool] | None = None,
 ) -> SearchResult:
     """Remove candidates one by one until ``stop``; ``apply`` installs a removal in the model.
 
     ``exclude_front``: the reference's ``-x`` (``--exclude-front``; 0 still withholds block 0 from the
-    first step); None withholds nothing (a plain greedy search)."""
+    first step); None withholds nothing (a plain greedy search). ``eligible(candidate, steps so
+    far)``: False leaves a candidate out of this step (EvoPress's seeds: at most k removals of each
+    sublayer type, ``search/depth.py``); the search stops when no remaining candidate is eligible."""
     t0 = time.perf_counter()
     num_blocks = scorer.replay.adapter.num_blocks
     result = SearchResult()
@@ -147,6 +150,10 @@ def greedy_search(
         active = [c for c in remaining if back or c.block >= result.withheld_blocks]
         if not active:  # everything outside the front is gone before the put-back count: put back now
             active, back = list(remaining), True
+        if eligible is not None:
+            active = [c for c in active if eligible(c, result.steps)]
+            if not active:
+                break
         if back and result.withheld_blocks and result.put_back_at_step is None:
             result.put_back_at_step = len(result.steps) + 1
         if one_shot:

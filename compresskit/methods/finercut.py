@@ -98,26 +98,13 @@ def _stop_rule(job: PruneJob, config: FinerCutConfig, candidates, num_level_cand
     return StopRule(params=max(params, 1))
 
 
-def _delete_empty_blocks(adapter, level: str, removed_blocks: set[int]) -> list[int] | None:
-    """Delete blocks that are now identities; returns the kept old indices (None: nothing deleted)."""
-    from ..depth.blocks import delete_blocks
-    from ..depth.removal import removed_kinds
-
-    drop = set(removed_blocks) if level == "block" else {
-        i for i in range(adapter.num_blocks)
-        if len(removed_kinds(adapter, i)) == 2 and not any(True for _ in adapter.block(i).parameters())
-    }
-    return delete_blocks(adapter, drop) if drop else None
-
-
 def run_finercut(job: PruneJob, config: FinerCutConfig) -> MethodResult:
-    from ..depth.blocks import check_config_rebuilds, record_per_layer_config
     from ..depth.candidates import build_candidates
+    from ..depth.finish import finish_removal
     from ..depth.greedy import OutputScorer, greedy_search
     from ..depth.precision import float32_scoring
     from ..depth.removal import remove_sublayer, removed_kinds, sublayer_swaps
     from ..depth.report import block_params as param_basis, removal_details
-    from ..depth.structure import structure_entry
     from ..engine.replay import BlockReplay
 
     adapter = job.adapter
@@ -149,27 +136,16 @@ def run_finercut(job: PruneJob, config: FinerCutConfig) -> MethodResult:
         )
         replay.release()
     num_blocks = adapter.num_blocks
-    kept = _delete_empty_blocks(adapter, config.level, {s.candidate.block for s in search.steps})
-    skips = record_per_layer_config(adapter)
-    check_config_rebuilds(job.model, adapter)
-    structure = []
-    if skips:
-        structure = [structure_entry([int(i) for i, s in skips.items() if "attention" in s["skip"]],
-                                     [int(i) for i, s in skips.items() if "mlp" in s["skip"]])]
-        form_reason = ("blocks without their attention or MLP have no stock transformers form yet (transformers "
-                       "builds every sublayer even with per_layer_config 'skip', recorded in config.json); "
-                       "compresskit.load puts the removed sublayers' stubs back")
-    else:
-        form_reason = ("only whole blocks were removed: layers renumbered, num_hidden_layers lowered and every "
-                       "per-layer config field rewritten explicitly, so plain from_pretrained builds it")
+    done = finish_removal(job.model, adapter, config.level, {s.candidate.block for s in search.steps})
     details = removal_details(
         config=config.model_dump(), search=search, num_blocks=num_blocks, num_candidates=num_level_candidates,
-        block_params=block_params, model_params=model_params, kept_blocks=kept, per_layer_config=skips,
+        block_params=block_params, model_params=model_params, kept_blocks=done.kept_blocks,
+        per_layer_config=done.per_layer_config,
         score_dtype=score_dtype, calibration=data, target_params=stop.params, removed_before=removed_before,
     )
     return MethodResult(
-        method="finercut", config=config.model_dump(), details=details, structure=structure,
-        form_reason=form_reason,
+        method="finercut", config=config.model_dump(), details=details, structure=done.structure,
+        form_reason=done.form_reason,
         timings={"search_s": search.seconds, "finercut_s": time.perf_counter() - t0},
     )
 
