@@ -23,7 +23,18 @@ Settings are reduced for a shared 2-core CPU and printed with the table; see --h
 ``--protocols`` picks the calibration -> evaluation domains (``PROTOCOLS``): ``cross`` (the original
 row: speeches -> WikiText-2 / the fixtures' mixed held-out text), ``sotu`` (addresses up to 2011 ->
 the held-out 2012-2021 addresses) and ``wikitext`` (the first half of WikiText-2 test -> its second
-half; WikiText-2 train is not available offline). Every record states its protocol.
+half; WikiText-2 train is not available offline). Every record states its protocol and the hash of
+its calibration samples (``settings.calib_hash``, the one prune's manifest records).
+
+``--reuse-search FILE`` takes the sublayer and block orders of the same model from an earlier results
+file instead of searching again, only when that record's calibration samples are identical to this
+protocol's (same hash at the same nsamples x seqlen; otherwise it stops with an error): the greedy
+search is deterministic given the model and its calibration ids, so the orders are the ones a new
+search would give. With FinerCut's prefix calibration at 4 x 128 tokens, ``cross`` and ``sotu`` both
+take the first 512 tokens of the 1790 address, so the ``sotu`` rows can reuse a ``cross`` search:
+
+    python benchmarks/finercut.py --models smollm2-135m --protocols sotu \
+        --reuse-search benchmarks/results/finercut_smollm2.json --out benchmarks/results/finercut_smollm2_sotu.json
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ import torch
 
 from compresskit.api import prune
 from compresskit.depth.blocks import delete_blocks
+from compresskit.depth.candidates import build_candidates
 from compresskit.depth.removal import remove_sublayer
 from compresskit.evaluation.efficiency import measure_throughput
 from compresskit.evaluation.perplexity import perplexity, windowed_perplexity
@@ -142,7 +154,37 @@ def search(name, calib, nsamples, seqlen, **options):
     model, tok = fresh(name)
     out = prune(model, "finercut", tokenizer=tok, calib=calib, nsamples=nsamples, seqlen=seqlen, device="cpu",
                 batch_size=nsamples, method_options=options)
-    return out.manifest.method_details
+    return dict(out.manifest.method_details, calib_hash=out.manifest.calibration["hash"])
+
+
+def calibration_hash(calib: str, tok, nsamples: int, seqlen: int) -> str:
+    """The hash of the samples FinerCut's default calibration (format prefix) builds from ``calib``
+    (prune's manifest records the same hash; equal hashes mean identical greedy searches)."""
+    from compresskit.calibration.loader import load_calibration
+    from compresskit.calibration.spec import CalibrationSpec
+
+    spec = CalibrationSpec(source=calib, format="prefix", nsamples=nsamples, seqlen=seqlen)
+    return load_calibration(spec, tok, use_cache=False).hash
+
+
+def reused_search(path: Path, name: str, protocol: str, calib_hash: str, tok, args, tmp: Path) -> dict:
+    """The earlier record of ``name`` in ``path`` whose calibration samples equal this protocol's, or exit."""
+    stored = json.loads(path.read_text())
+    rec = next((r for r in (stored if isinstance(stored, list) else [stored])
+                if r.get("model") == name and "sublayer_search" in r and "block_search" in r), None)
+    if rec is None:
+        raise SystemExit(f"error: {path} holds no sublayer and block search of {name}")
+    settings = rec.get("settings", {})
+    if (settings.get("nsamples"), settings.get("seqlen")) != (args.nsamples, args.seqlen):
+        raise SystemExit(f"error: {path} searched {name} at nsamples x seqlen {settings.get('nsamples')} x "
+                         f"{settings.get('seqlen')}, this run asks {args.nsamples} x {args.seqlen}")
+    stored_protocol = rec.get("protocol", "cross")  # records before --protocols were the cross-domain row
+    stored_hash = settings.get("calib_hash") or calibration_hash(protocol_data(stored_protocol, tmp)[0], tok,
+                                                                  args.nsamples, args.seqlen)
+    if stored_hash != calib_hash:
+        raise SystemExit(f"error: {path}'s {name} search ({stored_protocol}) calibrated on other samples "
+                         f"({stored_hash}) than protocol {protocol} ({calib_hash}); search again without --reuse-search")
+    return {"record": rec, "protocol": stored_protocol, "calib_hash": stored_hash}
 
 
 def run_model(name: str, args, protocol: str = "cross") -> dict:
@@ -158,6 +200,9 @@ def run_model(name: str, args, protocol: str = "cross") -> dict:
                                  "ppl_windows": args.ppl_windows, "piqa_limit": args.piqa_limit}}
     dense, tok = fresh(name)
     params_total = sum(p.numel() for p in dense.parameters())
+    record["settings"]["calib_hash"] = calibration_hash(calib, tok, args.nsamples, args.seqlen)
+    reuse = (reused_search(args.reuse_search, name, protocol, record["settings"]["calib_hash"], tok, args, tmp)
+             if args.reuse_search else None)
     record["dense"] = {"ppl": held_out_ppl(dense, tok, name, args.ppl_seqlen, args.ppl_windows, text),
                        "piqa": piqa(dense, tok, args.piqa_limit),
                        "decode_tok_s": measure_throughput(dense, tok, prompt_len=64, new_tokens=32)["decode_tokens_per_s"],
@@ -166,25 +211,46 @@ def run_model(name: str, args, protocol: str = "cross") -> dict:
     print(name, protocol, "dense", record["dense"], flush=True)
 
     t = {}
-    for cache in ((True, False) if args.step_timing else ()):
+    for cache in ((True, False) if args.step_timing and reuse is None else ()):
         d = search(name, calib, args.nsamples, args.seqlen, remove_params=1e-9, prefix_cache=cache)
         t["with_prefix_cache" if cache else "without_prefix_cache"] = {
             "first_step_s": d["order"][0]["seconds"], "block_runs": d["search"]["block_runs"]}
     record["step_timing"] = t
     print(name, "timing", t, flush=True)
 
-    d = search(name, calib, args.nsamples, args.seqlen, remove=max(ratios))
-    order = d["order"]
-    record["sublayer_search"] = {"seconds": d["search"]["seconds"], "order": [(r["type"], r["block"]) for r in order],
-                                 "distances": [r["distance"] for r in order]}
-    num_blocks = d["num_blocks"]
-    block_params = d["removed_params"] / d["param_fraction_blocks"] if d["param_fraction_blocks"] else 0
-    max_params = d["removed_params"]
-    # one block beyond the sublayer model's removal: the stop rule takes the nearest count, and
-    # apply_blocks needs an order that reaches at least as many parameters
-    b = search(name, calib, args.nsamples, args.seqlen, level="block",
-               remove_params=min(0.99, (max_params + block_params / num_blocks) / block_params + 1e-6))
-    record["block_search"] = {"seconds": b["search"]["seconds"], "order": [r["block"] for r in b["order"]]}
+    if reuse is None:
+        d = search(name, calib, args.nsamples, args.seqlen, remove=max(ratios))
+        check_hash(d, record)
+        order = d["order"]
+        record["sublayer_search"] = {"seconds": d["search"]["seconds"],
+                                     "order": [(r["type"], r["block"]) for r in order],
+                                     "distances": [r["distance"] for r in order]}
+        num_blocks = d["num_blocks"]
+        block_params = d["removed_params"] / d["param_fraction_blocks"] if d["param_fraction_blocks"] else 0
+        max_params = d["removed_params"]
+        # one block beyond the sublayer model's removal: the stop rule takes the nearest count, and
+        # apply_blocks needs an order that reaches at least as many parameters
+        b = search(name, calib, args.nsamples, args.seqlen, level="block",
+                   remove_params=min(0.99, (max_params + block_params / num_blocks) / block_params + 1e-6))
+        check_hash(b, record)
+        block_order = b["order"]
+        record["block_search"] = {"seconds": b["search"]["seconds"], "order": [r["block"] for r in block_order]}
+    else:  # the earlier orders, with each removal's parameters counted on this model as the search counts them
+        old = reuse["record"]
+        adapter = get_adapter(fresh(name)[0])
+        num_blocks = adapter.num_blocks
+        sub = {(c.kind, c.block): c.params for c in build_candidates(adapter, "sublayer")}
+        blk = {c.block: c.params for c in build_candidates(adapter, "block")}
+        del adapter
+        order = [{"type": kind, "block": i, "params": sub[(kind, i)]} for kind, i in old["sublayer_search"]["order"]]
+        block_order = [{"block": i, "params": blk[i]} for i in old["block_search"]["order"]]
+        if len(order) < int(2 * num_blocks * max(ratios) + 1e-9):
+            raise SystemExit(f"error: the reused search removed {len(order)} sublayers; ratio {max(ratios)} needs "
+                             f"{int(2 * num_blocks * max(ratios) + 1e-9)}")
+        note = (f"reused from {args.reuse_search.name} (protocol {reuse['protocol']}): identical calibration "
+                f"samples {reuse['calib_hash']}, so a new search gives the same order")
+        record["sublayer_search"] = dict(old["sublayer_search"], reused=note)
+        record["block_search"] = dict(old["block_search"], reused=note)
     rows = []
     for r in ratios:
         count = int(2 * num_blocks * r + 1e-9)
@@ -199,7 +265,10 @@ def run_model(name: str, args, protocol: str = "cross") -> dict:
             row["decode_tok_s"] = measure_throughput(m, tok, prompt_len=64, new_tokens=32)["decode_tokens_per_s"]
         del m
         m, _ = fresh(name)
-        m, blk_removed, nblk = apply_blocks(m, b["order"], removed)
+        m, blk_removed, nblk = apply_blocks(m, block_order, removed)
+        if blk_removed < removed:
+            raise SystemExit(f"error: the block order {[r['block'] for r in block_order]} removes {blk_removed} "
+                             f"parameters, fewer than the {removed} of the sublayer model at ratio {r}")
         row.update({"block_blocks": nblk, "block_params_removed_frac": blk_removed / params_total,
                     "block_ppl": held_out_ppl(m, tok, name, args.ppl_seqlen, args.ppl_windows, text),
                     "block_piqa": piqa(m, tok, args.piqa_limit)})
@@ -208,6 +277,13 @@ def run_model(name: str, args, protocol: str = "cross") -> dict:
         print(name, protocol, row, flush=True)
     record["rows"] = rows
     return record
+
+
+def check_hash(details: dict, record: dict) -> None:
+    """calibration_hash mirrors what prune used (else --reuse-search's identity check would mean nothing)."""
+    if details["calib_hash"] != record["settings"]["calib_hash"]:
+        raise SystemExit(f"error: prune calibrated on samples {details['calib_hash']}, "
+                         f"calibration_hash() gave {record['settings']['calib_hash']}")
 
 
 def table(records: list[dict]) -> str:
@@ -241,6 +317,9 @@ def main():
     ap.add_argument("--ppl-windows", type=int, default=8)
     ap.add_argument("--piqa-limit", type=int, default=100)
     ap.add_argument("--out", type=Path, default=RESULTS, help="JSON results file.")
+    ap.add_argument("--reuse-search", type=Path, default=None, metavar="FILE",
+                    help="Take each model's sublayer and block orders from this earlier results file when its "
+                         "calibration samples are identical to the protocol's (checked by hash; else an error).")
     ap.add_argument("--no-step-timing", dest="step_timing", action="store_false",
                     help="Skip the one-step searches with and without the prefix cache (2 extra steps' time).")
     args = ap.parse_args()
