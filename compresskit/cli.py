@@ -332,7 +332,7 @@ def _check_eval_outputs(inputs: list, json_path: str | None, baseline_json: str 
 def inspect(
     path: Path = typer.Argument(..., help="Checkpoint directory."),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="FinerCut checkpoints: draw which sublayers went, by block and type, in which order (PNG)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="FinerCut checkpoints: draw which sublayers went, by block and type, in which order; EvoPress: the level chosen per unit and the fitness per generation (PNG)."),
 ):
     """Show a checkpoint's manifest and its per-block sparsity table."""
     from .checkpoint.manifest import Manifest  # api.inspect is Manifest.read: this way torch is not imported
@@ -343,9 +343,10 @@ def inspect(
         plot = OutputGuard([path]).png(plot, flag="--plot")
     manifest = Manifest.read(path)
     if plot is not None:
-        from .depth.plot import plot_removed
+        from .depth.plot import plot_evopress, plot_removed
 
-        plot_removed(manifest.method_details, plot, title=f"{manifest.method} on {manifest.base_model}")
+        draw = plot_evopress if manifest.method == "evopress" else plot_removed
+        draw(manifest.method_details, plot, title=f"{manifest.method} on {manifest.base_model}")
     if json_out:
         print(json.dumps(manifest.model_dump(), indent=2))
         return
