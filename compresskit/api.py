@@ -122,6 +122,8 @@ def prune(
         spill_root=Path(out).expanduser().resolve().parent if out is not None else None,
     )
     load_s = time.perf_counter() - t0
+    # where a method may keep resumable state beside the output (evopress: <out>.search-state/)
+    job.out = Path(out).expanduser().resolve() if out is not None else None
     model_obj, tok, adapter = job.model, job.tokenizer, job.adapter
     from .methods.sparsify import validate_pattern
 
@@ -234,11 +236,12 @@ def build_job(
 
     parse_source(calib, text_field=text_field)  # a malformed or unknown --calib fails before the model loads
     if isinstance(model, str):
-        # Decoder blocks stay on disk until onload reads them (checkpoint/lazy_input.py); a
+        # Decoder blocks stay on disk until onload reads them (checkpoint/reader.py); a
         # compresskit checkpoint (a second stage) gets its replaced modules rebuilt too.
-        from .checkpoint.lazy_input import load_input
+        from .checkpoint.reader import open_model
 
-        model_obj, tok = load_input(model, dtype=dtype, revision=revision, lazy=lazy, spill_root=spill_root)
+        loaded = open_model(model, dtype=dtype, revision=revision, lazy=lazy, spill_root=spill_root)
+        model_obj, tok = loaded.model, loaded.tokenizer
     else:
         model_obj, tok = model, tokenizer
     return PruneJob(
@@ -263,7 +266,7 @@ def build_job(
 def _structure(model_obj, result) -> list[dict]:
     """The output's module replacements, read off the model (``checkpoint.describe_structure``):
     the input checkpoint's and this stage's, renumbered and merged as the model now holds them."""
-    from .checkpoint.io import describe_structure
+    from .checkpoint.structure import describe_structure
 
     structure = describe_structure(model_obj)
     missing = {e.get("kind") for e in result.structure} - {e["kind"] for e in structure}
