@@ -1,7 +1,7 @@
 """Compression methods, one small module each, plugged into a registry by name."""
 
 # Modules imported (and so registered) on first use of the registry.
-BUILTIN_METHOD_MODULES = ["uniform", "owl", "alphapruning", "welore", "cdmoe", "reap", "finercut"]
+BUILTIN_METHOD_MODULES = ["uniform", "owl", "alphapruning", "welore", "cdmoe", "reap", "finercut", "evopress"]
 
 from .base import (  # noqa: E402
     METHODS,

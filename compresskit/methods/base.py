@@ -150,7 +150,12 @@ def check_prune_options(entry: MethodEntry, *, sparsity: float | None, pattern: 
     pat = Pattern.parse(pattern)
     if pruner is not None and pruner not in PRUNERS:
         raise InputError(f"unknown pruner '{pruner}'; choose one of: {', '.join(sorted(PRUNERS))}")
-    if entry.kind == "sparsity":
+    # A config may say which kind of method it makes (EvoPress: sparsity at --level matrix, structural
+    # at --level sublayer|block), and check the target its own way (``check_target``).
+    config = entry.make_config(method_options) if hasattr(entry.config_cls, "prune_kind") else None
+    kind = config.prune_kind if config is not None else entry.kind
+    label = getattr(config, "kind_label", entry.name)
+    if kind == "sparsity":
         if pat.kind == "unstructured":
             if sparsity is None:
                 raise InputError("pass --sparsity (a fraction in [0, 1), e.g. 0.5) or an N:M --pattern")
@@ -158,8 +163,10 @@ def check_prune_options(entry: MethodEntry, *, sparsity: float | None, pattern: 
             raise InputError(f"--sparsity must be in [0, 1), got {sparsity}")
     elif sparsity is not None or pat.kind != "unstructured" or pruner is not None:
         # Structural methods (welore) set their own reduction; a silently ignored target would mislead the manifest.
-        raise InputError(f"--sparsity / --pattern / --pruner do not apply to --method {entry.name}; drop them")
-    config = entry.make_config(method_options)
+        raise InputError(f"--sparsity / --pattern / --pruner do not apply to --method {label}; drop them")
+    config = config if config is not None else entry.make_config(method_options)
+    if kind == "sparsity" and hasattr(config, "check_target"):
+        config.check_target(sparsity, pat)
     if entry.default_pruner and pruner and pruner != entry.default_pruner:
         raise InputError(f"--method {entry.name} implies --pruner {entry.default_pruner}; "
                          f"use --method uniform --pruner {pruner}")
