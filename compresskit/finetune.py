@@ -1,109 +1,41 @@
 """``compresskit finetune``: train only the low-rank factors (WeLore) and the condensed layers
-(CD-MoE: the manifest's ``trainable_modules``) of a compressed checkpoint.
+(CD-MoE: the manifest's ``trainable_modules``) of a compressed checkpoint, with next-token
+cross-entropy. Kept as the alias of today's behaviour and flags; the trainer is healing's
+(``compresskit/heal/loop.py``: data order, resumable state, held-out curve, progress), which
+``compresskit heal`` also runs with distillation and any checkpoint kind.
 
 WeLore's "LRC-only" continual fine-tuning (methods.md §6.3): the U / V factors of every
 ``LowRankLinear`` train; dense (N-LRC) matrices, embeddings, norms and the head stay frozen and are
 written back bit-for-bit. The reference recipe is AdamW at lr 5e-5 with a cosine schedule to 0.1 of
 the peak after a linear warmup, batch 4, bf16; here the parameters train in fp32 (bf16 autocast on
 CUDA, plain fp32 on CPU) and the output is cast back to the checkpoint's dtype.
-
-Training windows come from any calibration source (``CalibrationSpec``: c4, file:..., hf:...), one
-window per row, ``steps × batch_size`` rows drawn once with the seed, so step s always sees rows
-[s·B, (s+1)·B): a resumed run sees exactly the batches the uninterrupted run would have.
-
-Every ``save_every`` steps the trainable factors, the AdamW state, the step and the RNG state are
-written atomically to ``<out>.train-state/``; ``resume=True`` continues from there and, on CPU,
-ends with the same weights as an uninterrupted run. The state is removed once the final
-checkpoint (a normal compresskit checkpoint, atomic) is written.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from .checkpoint import Manifest, check_output_dir, load_with_tokenizer, save_checkpoint
 from .errors import InputError
-from .lowrank.finetune_utils import cosine_with_warmup
-from .lowrank.layer import LowRankLinear
-from .training_state import (PeakMemory, load_train_state, remove_train_state, save_train_state, state_dir_for,
-                             training_memory_bytes)
+from .heal.loop import (DEFAULT_SEQLEN, Progress, TrainSettings, default_warmup, evaluate_heldout, freeze_all_but,
+                        prepare, run_training, train_loop, training_windows, unprepare)
+from .heal.trainables import declared_trainable_modules, lowrank_parameters
+from .training_state import PeakMemory, remove_train_state, state_dir_for, training_memory_bytes
 
-Progress = Callable[[str, int, int, str], None]
-#: WeLore's fine-tuning window; an unset --seqlen is this, fitted to the model's context.
-DEFAULT_SEQLEN = 512
+#: today's name of the trainer's settings
+FinetuneSettings = TrainSettings
+__all__ = ["DEFAULT_SEQLEN", "FinetuneOutcome", "FinetuneSettings", "Progress", "default_warmup", "evaluate_heldout",
+           "finetune", "freeze_all_but", "train_loop", "training_windows", "trainable_parameters"]
 #: what finetune trains: WeLore's low-rank factors and CD-MoE's condensed layers
 GIVE_A_CHECKPOINT = ("give a directory written by compresskit prune --method welore (low-rank factors) or "
                      "--method cdmoe (condensed layers)")
 NOTHING_TO_TRAIN = ("nothing to fine-tune: the checkpoint has no low-rank factors or condensed experts; compress it "
                     "with --method welore (without --merge) or --method cdmoe first")
-
-
-@dataclass(frozen=True)
-class FinetuneSettings:
-    """Everything that decides the trained weights (plus evaluation / saving cadence)."""
-
-    data: tuple[str, ...]
-    steps: int
-    lr: float = 5e-5
-    batch_size: int = 4
-    #: None: ``DEFAULT_SEQLEN`` (WeLore's 512), lowered to the model's context when shorter; the
-    #: default that was lowered is then recorded as ``seqlen_default``
-    seqlen: int | None = None
-    seqlen_default: int | None = None
-    #: None: ``default_warmup(steps)`` = min(100, 10 % of the steps), resolved at construction.
-    warmup: int | None = None
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    data_format: str = "window"
-    text_field: str | None = None
-    seed: int = 0
-    grad_checkpointing: bool = False
-    eval_data: str | None = None
-    eval_every: int = 100
-    eval_windows: int = 8
-    save_every: int = 100
-
-    # Changing these does not change the trained weights, so a resumed run may change them.
-    CADENCE = ("grad_checkpointing", "eval_data", "eval_every", "eval_windows", "save_every", "seqlen_default")
-
-    def __post_init__(self) -> None:
-        if self.warmup is None and isinstance(self.steps, int) and not isinstance(self.steps, bool):
-            object.__setattr__(self, "warmup", default_warmup(self.steps))
-
-    def validate(self) -> None:
-        if not self.data:
-            raise InputError("pass --data SOURCE (a calibration source such as file:corpus.jsonl or c4)")
-        for name in ("steps", "batch_size", "seqlen", "eval_every", "eval_windows", "save_every"):
-            value = getattr(self, name)
-            if name == "seqlen" and value is None:
-                continue  # fitted to the model once it is loaded
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
-        if not self.lr > 0:
-            raise InputError(f"--lr must be > 0, got {self.lr:g}")
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or not 0 <= self.warmup <= self.steps:
-            raise InputError(f"--warmup must be in [0, --steps {self.steps}], got {self.warmup}; e.g. --warmup {self.steps // 10}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise InputError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio:g}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise InputError(f"--max-grad-norm must be > 0, got {self.max_grad_norm:g}")
-
-    def resume_key(self) -> dict[str, Any]:
-        """The settings a saved training state must share with the run that resumes it."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.CADENCE}
-
-
-def default_warmup(steps: int) -> int:
-    """Warmup steps when none are given: 100 (the reference's) but never more than 10 % of the run."""
-    return max(0, min(100, steps // 10))
 
 
 @dataclass
@@ -123,135 +55,12 @@ class FinetuneOutcome:
                 "last_loss": self.losses[-1] if self.losses else None, "evals": self.evals}
 
 
-# --------------------------------------------------------------------------- data
-def training_windows(settings: FinetuneSettings, tokenizer) -> tuple[torch.Tensor, torch.Tensor | None, list[dict]]:
-    """``steps × batch_size`` rows of ``seqlen`` tokens, interleaved over the ``data`` sources."""
-    from .calibration import CalibrationSpec, load_calibration
-
-    total = settings.steps * settings.batch_size
-    per_source = math.ceil(total / len(settings.data))
-    ids, masks, records = [], [], []
-    for source in settings.data:
-        spec = CalibrationSpec(source=source, format=settings.data_format, nsamples=per_source,
-                               seqlen=settings.seqlen, seed=settings.seed, text_field=settings.text_field)
-        calib = load_calibration(spec, tokenizer)
-        ids.append(calib.input_ids)
-        masks.append(calib.attention_mask)
-        records.append(dict(spec.to_dict(), hash=calib.hash, **calib.provenance()))
-    # Row r comes from source r mod S, so every batch mixes the sources.
-    input_ids = torch.stack(ids, dim=1).reshape(-1, settings.seqlen)[:total]
-    mask = None
-    if any(m is not None for m in masks):
-        full = [m if m is not None else torch.ones_like(i) for m, i in zip(masks, ids)]
-        mask = torch.stack(full, dim=1).reshape(-1, settings.seqlen)[:total]
-    return input_ids, mask, records
-
-
-def _batch(ids: torch.Tensor, mask: torch.Tensor | None, step: int, size: int, device) -> dict[str, torch.Tensor]:
-    rows = slice(step * size, (step + 1) * size)
-    input_ids = ids[rows].to(device)
-    labels = input_ids.clone()
-    batch = {"input_ids": input_ids, "labels": labels}
-    if mask is not None:
-        batch["attention_mask"] = mask[rows].to(device)
-        labels[batch["attention_mask"] == 0] = -100
-    return batch
-
-
-# --------------------------------------------------------------------------- training
-def lowrank_parameters(model) -> dict[str, torch.nn.Parameter]:
-    """Name -> parameter of every U / V factor weight, in module order."""
-    return {f"{name}.{part}.weight": getattr(module, part).weight
-            for name, module in model.named_modules() if isinstance(module, LowRankLinear) for part in ("U", "V")}
-
-
-def declared_trainable_modules(manifest: Manifest) -> list[str]:
-    """Module paths a structural stage declares trainable (``method_details.trainable_modules``:
-    CD-MoE's condensed layers), over this checkpoint's stage and every earlier one."""
-    records = [manifest.method_details, *(stage.get("method_details", {}) for stage in manifest.stages)]
-    return list(dict.fromkeys(path for details in records for path in details.get("trainable_modules", []) or []))
-
-
 def trainable_parameters(model, manifest: Manifest) -> dict[str, torch.nn.Parameter]:
     """Low-rank U / V factors plus every parameter of the declared trainable modules."""
     params = lowrank_parameters(model)
     for path in declared_trainable_modules(manifest):
         params.update({f"{path}.{n}": p for n, p in model.get_submodule(path).named_parameters()})
     return params
-
-
-def freeze_all_but(model, trainable: dict[str, torch.nn.Parameter]) -> tuple[int, int]:
-    """Only ``trainable`` gets gradients; returns (trainable, total) element counts."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in trainable.values():
-        p.requires_grad_(True)
-    params = list(model.parameters())  # deduplicated: tied weights count once
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-def _prepare(model, device: torch.device, trainable: dict[str, torch.nn.Parameter], grad_checkpointing: bool) -> None:
-    """fp32 on CPU; on CUDA frozen weights keep their dtype and trainable ones become fp32 masters."""
-    if device.type == "cuda":
-        model.to(device)
-        for p in trainable.values():
-            p.data = p.data.float()
-    else:
-        model.to(device=device, dtype=torch.float32)
-    model.config.use_cache = False
-    if grad_checkpointing:
-        # Non-reentrant: the frozen embedding output needs no grad, which the reentrant variant cannot handle.
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:  # transformers >= 5.x name; gradient_checkpointing_* is deprecated
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-
-
-def _evaluate(model, eval_ids: torch.Tensor | None, settings: FinetuneSettings, device, step: int) -> dict | None:
-    if eval_ids is None:
-        return None
-    from .evaluation.perplexity import windowed_perplexity
-
-    model.eval()
-    with _autocast(device):
-        result = windowed_perplexity(model, eval_ids, settings.seqlen, device=device, max_windows=settings.eval_windows)
-    model.train()
-    return {"step": step, "ppl": result["value"], "windows": result["n_windows"], "tokens": result["tokens"]}
-
-
-def train_loop(model, params: list[torch.nn.Parameter], ids, mask, settings: FinetuneSettings, device,
-               start: int = 0, optimizer_state: dict | None = None, on_step: Callable | None = None,
-               stop: int | None = None) -> tuple[torch.optim.Optimizer, list[float]]:
-    """AdamW + cosine-with-warmup over steps [start, stop); returns the optimizer and the losses.
-
-    The learning rate of step s is ``lr · cosine_with_warmup(s, steps, warmup, min_lr_ratio)``,
-    set before the step, so the schedule is a pure function of s (nothing else to save).
-    """
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
-    losses = []
-    for step in range(start, settings.steps if stop is None else stop):
-        lr = settings.lr * cosine_with_warmup(step, settings.steps, settings.warmup, settings.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with _autocast(device):
-            loss = model(**_batch(ids, mask, step, settings.batch_size, device)).loss
-        loss.backward()
-        if settings.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        if on_step is not None:
-            on_step(step + 1, losses[-1], lr, optimizer)
-    return optimizer, losses
 
 
 # --------------------------------------------------------------------------- the command
@@ -305,55 +114,19 @@ def finetune(
         eval_ids, eval_info = perplexity_tokens(tokenizer, settings.eval_data, settings.seqlen)
     load_s = time.perf_counter() - t0
 
-    _prepare(model, dev, trainable, settings.grad_checkpointing)  # first: the saved factors are fp32 masters
-    start, losses, evals, resumed_from = 0, [], [], None
-    optimizer_state = None
+    prepare(model, dev, trainable, settings.grad_checkpointing)  # first: the saved factors are fp32 masters
     # The input's identity: its path and creation time (a checkpoint rewritten in place is another input).
     source_id = f"{checkpoint.resolve()}@{source_manifest.created}"
-    saved = load_train_state(state_dir, settings.resume_key(), source_id) if resume else None
-    if saved is not None:
-        if {k: tuple(v.shape) for k, v in saved["factors"].items()} != {k: tuple(p.shape) for k, p in trainable.items()}:
-            raise InputError(f"the training state in {state_dir} does not fit this checkpoint's factors; "
-                             "pass --force to start over")
-        with torch.no_grad():
-            for name, value in saved["factors"].items():
-                trainable[name].copy_(value)
-        torch.set_rng_state(saved["rng"]["torch"])
-        start, losses, evals, resumed_from = saved["step"], saved["losses"], saved["evals"], saved["step"]
-        optimizer_state = saved["optimizer"]
-    params = list(trainable.values())
-    if start == 0 and eval_ids is not None:
-        evals.append(_evaluate(model, eval_ids, settings, dev, 0))
-
-    def on_step(step: int, loss: float, lr: float, optimizer) -> None:
-        losses.append(loss)
-        if eval_ids is not None and (step % settings.eval_every == 0 or step == settings.steps):
-            evals.append(_evaluate(model, eval_ids, settings, dev, step))
-        if step % settings.save_every == 0 and step < settings.steps:
-            save_train_state(state_dir, step=step, key=settings.resume_key(), source=source_id,
-                             factors=trainable, optimizer=optimizer, losses=losses, evals=evals)
-        if progress is not None:
-            ppl = f" · eval ppl {evals[-1]['ppl']:.2f}" if evals else ""
-            progress("finetune", step, settings.steps, f"loss {loss:.4f} · lr {lr:.2e}{ppl}")
-
-    memory = PeakMemory(dev)
-    memory.start()
-    t0 = time.perf_counter()
-    train_loop(model, params, ids, mask, settings, dev, start=start, optimizer_state=optimizer_state, on_step=on_step)
-    train_s = time.perf_counter() - t0
-    peak = memory.stop()
-
-    if settings.grad_checkpointing:
-        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
-    model.eval().to(device="cpu", dtype=out_dtype)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    run = run_training(model, trainable, ids, mask, settings, dev, state_dir=state_dir, source_id=source_id,
+                       eval_ids=eval_ids, resume=resume, progress=progress, phase="finetune")
+    losses, evals = run.losses, run.evals
+    unprepare(model, settings.grad_checkpointing, out_dtype)
     manifest = _manifest(source_manifest, checkpoint, model, settings, dict(
         device=str(dev), dtype=str(out_dtype).removeprefix("torch."), data_records=data_records,
         eval_source=eval_info if eval_ids is not None else None, n_trainable=n_trainable, n_total=n_total,
-        losses=losses, evals=evals, resumed_from=resumed_from, peak=peak,
-        seconds_per_step=train_s / max(1, settings.steps - start),
-        timings={"load_s": load_s, "train_s": train_s},
+        losses=losses, evals=evals, resumed_from=run.resumed_from, peak=run.peak,
+        seconds_per_step=run.train_s / max(1, run.steps_run),
+        timings={"load_s": load_s, "train_s": run.train_s},
     ))
     out_path = save_checkpoint(model, tokenizer, out, manifest, force=force)
     remove_train_state(state_dir, strict=False)
@@ -395,7 +168,7 @@ def measure_full_finetune(checkpoint: Path, settings: FinetuneSettings, device, 
     params = dict(model.named_parameters())
     for p in params.values():
         p.requires_grad_(True)
-    _prepare(model, device, {} if device.type != "cuda" else params, settings.grad_checkpointing)
+    prepare(model, device, {} if device.type != "cuda" else params, settings.grad_checkpointing)
     memory = PeakMemory(device)
     memory.start()
     t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Resumable training state and memory measurement for ``compresskit finetune``.
+"""Resumable training state and memory measurement for ``compresskit heal`` / ``finetune``.
 
 The state holds only what the trained weights depend on: the trainable tensors, the AdamW state,
 the step (the learning-rate schedule is a pure function of it) and the RNG state, plus the
@@ -67,7 +67,8 @@ def training_memory_bytes(trainable: int) -> int:
 
 
 def save_train_state(directory: Path, *, step: int, key: dict, source: str, factors: dict[str, torch.Tensor],
-                     optimizer: torch.optim.Optimizer, losses: list[float], evals: list) -> Path:
+                     optimizer: torch.optim.Optimizer, losses: list[float], evals: list,
+                     extra: dict | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -82,6 +83,7 @@ def save_train_state(directory: Path, *, step: int, key: dict, source: str, fact
         "rng": rng,
         "losses": list(losses),
         "evals": list(evals),
+        "extra": dict(extra or {}),  # e.g. healing's per-step loss parts
     }
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
     os.close(fd)

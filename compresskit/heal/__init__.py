@@ -1,0 +1,22 @@
+"""Healing compressed checkpoints: distillation from the dense model (``compresskit heal``).
+
+``losses.py`` (KD / CE / KD+CE on ``analysis.distances.token_kl``) · ``trainables.py`` (what
+trains per checkpoint kind, masks) · ``teacher.py`` (the teacher, its vocabulary, memory) ·
+``lora.py`` (peft adapters, merging, the adapter directory) · ``loop.py`` (the one trainer, also
+``compresskit finetune``'s) · ``workflow.py`` (:func:`heal`). Names resolve on first use, so
+importing the package costs nothing.
+"""
+
+_NAMES = {"heal": "workflow", "HealSettings": "workflow", "HealOutcome": "workflow", "parse_tokens": "workflow",
+          "load_healed": "lora", "TrainSettings": "loop", "LossSpec": "losses", "kd_loss": "losses"}
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_NAMES)
