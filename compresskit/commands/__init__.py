@@ -4,4 +4,4 @@ Each module defines ``register(app)`` adding its Typer command(s); ``compresskit
 for every name listed here, so adding a command never edits another command's code.
 """
 
-COMMAND_MODULES: list[str] = ["analyze", "finetune", "compare", "run"]
+COMMAND_MODULES: list[str] = ["analyze", "finetune", "compare", "run", "heal"]
