@@ -31,6 +31,11 @@ class BlockCall:
     kwargs: dict[str, Any]
 
 
+def block_output(out):
+    """The hidden states a decoder block returns (blocks return them alone or first in a tuple)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 @dataclass
 class CapturedInputs:
     """Block-0 hidden states per calibration batch and each block's call signature per batch."""
@@ -38,6 +43,22 @@ class CapturedInputs:
     hidden: list[torch.Tensor]
     calls: list[list[BlockCall]]  # calls[batch][block]
     token_masks: list[torch.Tensor | None] = field(default_factory=list)  # [b, L] bool, True = real token
+
+    def run_block(self, block: nn.Module, index: int, hidden: list[torch.Tensor], device: torch.device,
+                  store_device: torch.device, on_batch=None, keep: bool = True) -> list[torch.Tensor] | None:
+        """Run ``block`` (already on ``device``) as block ``index`` over every batch of ``hidden`` with
+        the call recorded for it; the outputs on ``store_device`` (None unless ``keep``). The one
+        block loop of the engine: ``SequentialRunner`` and ``BlockReplay`` both run blocks through it.
+        ``on_batch(token_mask)`` is called before each batch (statistics collectors start a batch)."""
+        outputs: list[torch.Tensor] = []
+        for b, h in enumerate(hidden):
+            if on_batch is not None:
+                on_batch(self.token_masks[b])
+            call = self.calls[b][index]  # recorded on the compute device already
+            out = block_output(block(h.to(device), *call.args, **call.kwargs))
+            if keep:
+                outputs.append(out.to(store_device))
+        return outputs if keep else None
 
 
 class _Recorder(nn.Module):

@@ -21,19 +21,16 @@ ranks before comparing candidates (``depth.scoring.DistanceAccumulator``,
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
 
-from ..models.placement import onload
+from ..models.placement import hold_reads, onload
 from .capture import CapturedInputs, capture_block_inputs
 from .distributed import batch_share
-
-
-def _block_output(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @contextmanager
@@ -76,12 +73,21 @@ class BlockReplay:
         self.captured: CapturedInputs | None = None
         #: block_inputs[i][b]: hidden state entering block i for batch b (i == num_blocks: after the last block)
         self.block_inputs: list[list[torch.Tensor]] = []
+        self._hold = None  # the lazily loaded model's read cache, held from capture to release
+        self._hold_finalizer = None
 
     # ------------------------------------------------------------------ capture
     @torch.no_grad()
     def capture(self) -> "BlockReplay":
-        """Record every block's call and the unmodified model's hidden state at every boundary."""
+        """Record every block's call and the unmodified model's hidden state at every boundary.
+
+        From here until ``release`` a lazily loaded model keeps the blocks it reads, converted, in
+        host memory (``models.placement.hold_reads``: up to half the available memory), so every
+        replay after the capture reads no weight file; a model in memory is unaffected."""
         adapter = self.adapter
+        if self._hold is None:
+            self._hold = hold_reads(adapter.model)
+            self._hold_finalizer = weakref.finalize(self, self._hold.close)
         with ExitStack() as stack:
             for m in adapter.embedding_modules():
                 stack.enter_context(onload(m, self.device))
@@ -116,13 +122,8 @@ class BlockReplay:
     @torch.no_grad()
     def _run_block(self, i: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         assert self.captured is not None
-        out = []
         with onload(self.adapter.block(i), self.device) as block:
-            for b, h in enumerate(hidden):
-                call = self.captured.calls[b][i]
-                y = _block_output(block(h.to(self.device), *call.args, **call.kwargs))
-                out.append(y.to(self.store_device))
-        return out
+            return self.captured.run_block(block, i, hidden, self.device, self.store_device)
 
     @torch.no_grad()
     def run_from(self, start: int, swaps: Mapping[str, nn.Module] | None = None,
@@ -157,3 +158,6 @@ class BlockReplay:
     def release(self) -> None:
         self.captured = None
         self.block_inputs = []
+        if self._hold_finalizer is not None:
+            self._hold_finalizer()  # closes the hold once
+        self._hold = self._hold_finalizer = None

@@ -24,10 +24,6 @@ from .capture import CapturedInputs, capture_block_inputs
 from .collect import InputStatsCollector, StatFactory
 
 
-def _block_output(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 @dataclass
 class RunTimings:
     capture_s: float = 0.0
@@ -123,16 +119,8 @@ class SequentialRunner:
     # ------------------------------------------------------------------ forward
     def _forward_block(self, block: nn.Module, index: int, on_batch=None, keep: bool = True):
         assert self._captured is not None and self._inputs is not None
-        outputs: list[torch.Tensor] = []
-        for b, hidden in enumerate(self._inputs):
-            if on_batch is not None:
-                on_batch(self._captured.token_masks[b])
-            call = self._captured.calls[b][index]  # recorded on the compute device already
-            args, kwargs = call.args, call.kwargs
-            out = _block_output(block(hidden.to(self.device), *args, **kwargs))
-            if keep:
-                outputs.append(out.to(self.store_device))
-        return outputs if keep else None
+        return self._captured.run_block(block, index, self._inputs, self.device, self.store_device,
+                                        on_batch=on_batch, keep=keep)
 
     # ------------------------------------------------------------------ main loop
     @torch.no_grad()

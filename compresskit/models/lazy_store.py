@@ -39,6 +39,20 @@ often a small tmpfs. It is removed when the store is garbage-collected or the pr
 (normally or by an exception); directories of killed processes are removed by the next lazy
 load whose spill root is the same.
 
+**Replay-heavy callers keep converted reads.** A search that re-runs blocks many times
+(``engine.replay.BlockReplay``: FinerCut, CD-MoE's layer search, EvoPress's candidates) would read
+and convert every block from the checkpoint at every replay (safetensors reads, transformers'
+converters, dtype casts: the FinerCut search of the DeepSeek fixture took 2.5x its in-memory time).
+``hold_reads(budget)`` keeps each recipe's converted read in host memory while some holder is
+open, up to ``budget`` bytes (default: half the memory available when the first holder opens, or
+``$COMPRESSKIT_READ_CACHE`` — a size such as ``2GB``, ``0`` turns it off): reads are kept in the
+order they come and never evicted, so a cyclic replay of more blocks than fit still hits the ones
+held (least-recently-used would miss every time). A kept read is the pristine copy
+``materialise`` copies from and ``release`` compares against, so it costs no memory beyond itself;
+tensors are still handed out as private copies, and a changed block is still spilled. Without a
+holder (the sequential pass of Wanda / SparseGPT) nothing is kept: host memory stays at about
+one block.
+
 **Host memory really goes back.** glibc's malloc raises its mmap threshold to the size of the
 largest block it has freed (up to 32 MiB), after which every block tensor is carved out of the
 heap, and the heap fragments: a 4-then-8-then-16-block run measured RSS growing by about one block
@@ -64,9 +78,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..compat import tensor_version
-from ..errors import OutputError
+from ..compat import parse_size, tensor_version
+from ..errors import InputError, OutputError
 from ..outputs import HOST, remove_dead_process_dirs
+from ..paths import cache_dir
 from .weight_files import SafetensorError
 
 ATTR = "_compresskit_lazy"
@@ -78,8 +93,6 @@ SPILL_DIR_ENV = "COMPRESSKIT_SPILL_DIR"
 def default_spill_root() -> Path:
     """``$COMPRESSKIT_SPILL_DIR``, else ``<cache dir>/spill`` (never TMPDIR: often a small tmpfs, and
     the spilled blocks of a pruned model add up to the model's size)."""
-    from ..paths import cache_dir
-
     env = os.environ.get(SPILL_DIR_ENV)
     return Path(env).expanduser() if env else cache_dir() / "spill"
 
@@ -110,6 +123,96 @@ def pin_malloc_mmap_threshold(size: int = MMAP_THRESHOLD) -> bool:
         return False
     _threshold_pinned = bool(mallopt(_M_MMAP_THRESHOLD, size))
     return _threshold_pinned
+
+
+READ_CACHE_ENV = "COMPRESSKIT_READ_CACHE"
+
+
+def available_host_memory() -> int | None:
+    """Bytes the kernel reports as available to new allocations (``MemAvailable``), else free pages;
+    None when neither can be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def default_read_budget() -> int:
+    """``$COMPRESSKIT_READ_CACHE`` (a size: ``512MB``, ``2GB``, bytes; ``0``: keep nothing), else half
+    the host memory available now (0 when that cannot be read)."""
+    env = os.environ.get(READ_CACHE_ENV)
+    if env:
+        text = env.strip()
+        try:
+            return int(text) if text.isdigit() else parse_size(text)
+        except (ValueError, TypeError):
+            raise InputError(f"${READ_CACHE_ENV} must be a size such as 512MB, 2GB or 0, got {env!r}") from None
+    available = available_host_memory()
+    return available // 2 if available else 0
+
+
+class ReadCache:
+    """Converted recipe reads kept in host memory while replay-heavy callers hold them (``LazyStore.hold_reads``).
+
+    First come, first kept, never evicted: a search that replays blocks ``s .. n-1`` over and over
+    hits every block that fits, where least-recently-used would miss them all once the blocks do
+    not fit."""
+
+    def __init__(self, budget: int):
+        self.budget = int(budget)
+        self.values: dict[int, dict[str, torch.Tensor]] = {}
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.holders = 0
+
+    def get(self, recipe: int) -> dict[str, torch.Tensor] | None:
+        values = self.values.get(recipe)
+        if values is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return values
+
+    def offer(self, recipe: int, values: dict[str, torch.Tensor]) -> None:
+        size = sum(t.numel() * t.element_size() for t in values.values())
+        if self.nbytes + size <= self.budget:
+            self.values[recipe] = values
+            self.nbytes += size
+
+    def clear(self) -> None:
+        self.values.clear()
+        self.nbytes = 0
+
+
+class ReadHold:
+    """One holder of a store's read cache; ``close()`` (or leaving the ``with``) lets it go, and the
+    cache is emptied when its last holder goes."""
+
+    def __init__(self, store: "LazyStore | None"):
+        self._store = store
+
+    @property
+    def cache(self) -> ReadCache | None:
+        return None if self._store is None else self._store._read_cache
+
+    def close(self) -> None:
+        store, self._store = self._store, None
+        if store is not None:
+            store._let_go()
+
+    def __enter__(self) -> "ReadHold":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @dataclass(frozen=True)
@@ -235,6 +338,9 @@ class LazyStore:
         self._spill_refs: dict[str, int] = {}
         self._spill_count = 0
         self.spilled_tensors = 0
+        #: how many times a recipe was read and converted from the checkpoint (the cost a read cache saves)
+        self.recipe_reads = 0
+        self._read_cache: ReadCache | None = None
         pin_malloc_mmap_threshold()
         remove_stale_spills(self.spill_root or default_spill_root())  # a killed earlier run's
 
@@ -256,6 +362,23 @@ class LazyStore:
                                   "--load in-memory") from None
             weakref.finalize(self, shutil.rmtree, self.spill_dir, True)
         return self.spill_dir
+
+    # ------------------------------------------------------------------ read cache
+    def hold_reads(self, budget: int | None = None) -> ReadHold:
+        """Keep converted reads in host memory (up to ``budget`` bytes, default ``default_read_budget()``)
+        until the returned hold is closed; holds nest and share one cache (the first one sizes it)."""
+        if self._read_cache is None:
+            self._read_cache = ReadCache(default_read_budget() if budget is None else budget)
+        self._read_cache.holders += 1
+        return ReadHold(self)
+
+    def _let_go(self) -> None:
+        cache = self._read_cache
+        if cache is not None:
+            cache.holders -= 1
+            if cache.holders <= 0:
+                cache.clear()
+                self._read_cache = None
 
     # ------------------------------------------------------------------ sources
     def ref(self, source: OriginalSource | SpillSource) -> LazyRef:
@@ -282,6 +405,11 @@ class LazyStore:
                 return handle.get_tensor(source.key)
         if cache is not None and source.recipe in cache:
             return cache[source.recipe][source.target]
+        kept = self._read_cache.get(source.recipe) if self._read_cache is not None else None
+        if kept is not None:
+            if cache is not None:
+                cache[source.recipe] = kept
+            return kept[source.target]
         if self._check_sources is not None and (cache is None or not cache.get(_SOURCES_CHECKED)):
             try:
                 self._check_sources()
@@ -291,6 +419,9 @@ class LazyStore:
             if cache is not None:
                 cache[_SOURCES_CHECKED] = True
         values = self._read_recipe(source.recipe)
+        self.recipe_reads += 1
+        if self._read_cache is not None:
+            self._read_cache.offer(source.recipe, values)
         if cache is not None:
             cache[source.recipe] = values
         return values[source.target]

@@ -21,6 +21,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..compat import apply_to_tensors
+from .lazy_store import ReadHold, store_of
+
+
 def _home(module: nn.Module) -> torch.device | None:
     tensor = next(iter(module.parameters()), None)
     if tensor is None:
@@ -53,10 +57,17 @@ def onload(module: nn.Module, device: torch.device | str) -> Iterator[nn.Module]
 def lazy_hooks(module: nn.Module):
     """The lazy loader's ``(materialise(module, device) -> session, release(module, session))`` pair
     when some of ``module``'s tensors are still on disk (``models.lazy``), else None."""
-    from .lazy_store import store_of
-
     store = store_of(module)
     return None if store is None else (store.materialise, store.release)
+
+
+def hold_reads(model: nn.Module, budget: int | None = None):
+    """For callers that run the same blocks many times (``engine.replay.BlockReplay``): a lazily loaded
+    ``model`` keeps the blocks it reads, converted, in host memory (up to ``budget`` bytes, default
+    half the available memory; ``models.lazy_store.ReadCache``) until the returned hold is closed, so
+    a replay costs what it costs in memory. A model in memory: a hold that does nothing."""
+    store = getattr(model, "_compresskit_lazy_store", None)
+    return ReadHold(None) if store is None else store.hold_reads(budget)
 
 
 def move_model(model: nn.Module, device: torch.device | str) -> nn.Module:
@@ -66,7 +77,5 @@ def move_model(model: nn.Module, device: torch.device | str) -> nn.Module:
     device = torch.device(device)
     if getattr(model, "_compresskit_lazy_store", None) is None:
         return model.to(device)
-    from ..compat import apply_to_tensors
-
     return apply_to_tensors(model, lambda t: t if t.is_meta else t.to(device))
 
