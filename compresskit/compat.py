@@ -21,8 +21,8 @@ What each group is for:
 * **lm-eval** — its task-YAML reader (``!function`` tags) to read a task file's name; the
   evaluator's ``git describe`` of the current folder, replaced while it runs (``evaluation/lmeval.py``).
 
-Formats are not internals: the safetensors dtype names (:func:`safetensors_dtypes`) are the file
-format's specification, not a library's private table.
+Formats are not internals: the safetensors dtype names are the file format's specification, not a
+library's private table; they live with the other safetensors-format code (``models/weight_files.py``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from __future__ import annotations
 import importlib
 import inspect
 from dataclasses import dataclass
-from functools import lru_cache
 from importlib import metadata
 
 #: Versions the entries below were checked against (= requirements/ci.txt; a test keeps them equal).
@@ -161,33 +160,6 @@ def apply_to_tensors(model, fn):
 def tensor_version(tensor) -> int:
     """torch's in-place modification counter of ``tensor``."""
     return tensor._version
-
-
-@lru_cache(maxsize=1)
-def safetensors_dtypes() -> dict:
-    """safetensors' dtype names (the file format's header field ``dtype``) → torch dtypes."""
-    import torch  # not at module level: the CLI imports this module before any command runs
-
-    return {
-        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-        "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
-        "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "C64": torch.complex64,
-    }
-
-
-def safetensors_dtype(name: str):
-    try:
-        return safetensors_dtypes()[name]
-    except KeyError:
-        raise ValueError(f"safetensors dtype {name!r} is not supported by compresskit") from None
-
-
-def safetensors_dtype_name(dtype) -> str:
-    for name, value in safetensors_dtypes().items():
-        if value == dtype:
-            return name
-    raise ValueError(f"dtype {dtype} cannot be written to safetensors")
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

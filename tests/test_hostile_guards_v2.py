@@ -124,7 +124,7 @@ def _not_called(monkeypatch, ctx: Ctx):
     def fail(*a, **k):
         raise AssertionError("compute started before the output was checked")
 
-    monkeypatch.setattr("compresskit.api.build_job", fail)
+    monkeypatch.setattr("compresskit.api.open_model", fail)
 
 
 FAKE_MANIFEST = json.dumps({"method": "mine", "base_model": "notes", "format_version": 1})

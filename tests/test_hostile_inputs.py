@@ -464,10 +464,17 @@ def test_relative_model_is_recorded_absolute_and_baseline_works_elsewhere(ctx):
 
 
 def test_builtin_names_stay_as_typed():
-    from compresskit.api import _provenance_name
+    from pathlib import Path
 
-    assert _provenance_name("smollm2-135m") == "smollm2-135m"
-    assert _provenance_name("org/some-hub-model") == "org/some-hub-model"  # no such local path: a Hub id
+    from compresskit.checkpoint.reader import LoadedModel
+    from compresskit.models.source import Source
+
+    def provenance(source):
+        return LoadedModel(model=None, tokenizer=None, source=source, loading="lazy").provenance
+
+    assert provenance(Source("smollm2-135m", "builtin", Path("/cache/models/smollm2-135m"))) == "smollm2-135m"
+    assert provenance(Source("org/some-hub-model", "hub")) == "org/some-hub-model"  # no such local path: a Hub id
+    assert provenance(Source("rel/dir", "local", Path("rel/dir"))) == str(Path("rel/dir").resolve())
 
 
 def test_stale_temporaries_of_dead_processes_are_removed_live_ones_kept(ctx):

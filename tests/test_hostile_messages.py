@@ -67,7 +67,7 @@ def _read_only(monkeypatch, ctx) -> None:
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if Path(p) == ro and mode & os.W_OK
                         else real(p, mode, *a, **k))
-    monkeypatch.setattr("compresskit.api.build_job", _not_called)
+    monkeypatch.setattr("compresskit.api.open_model", _not_called)
 
 
 def _existing_dir(ctx) -> None:

@@ -16,7 +16,7 @@ from transformers import AutoConfig
 from compresskit.models import get_adapter
 from compresskit.models.lazy import LazyUnsupported, is_lazy, load_lazily
 from compresskit.models.lazy_store import OriginalSource, SpillSource, lazy_ref
-from compresskit.models.loading import _auto_class
+from compresskit.models.loading import auto_class
 from compresskit.models.placement import onload
 from compresskit.paths import shared_models_dir
 from tiny_models import TINY_FAMILIES, tiny_model, tiny_tokenizer
@@ -25,7 +25,7 @@ MOE_FIXTURES = ["deepseek-v2-moe-25m", "qwen2-moe-26m"]
 
 
 def _from_pretrained(path):
-    return _auto_class(AutoConfig.from_pretrained(path)).from_pretrained(path, dtype="auto")
+    return auto_class(AutoConfig.from_pretrained(path)).from_pretrained(path, dtype="auto")
 
 
 def _assert_identical(path, ids):
@@ -149,12 +149,12 @@ def test_transformers_without_the_loading_api_falls_back_to_memory(tmp_path, mon
     """The lazy path uses transformers-internal loading steps; without them, load in memory and say why."""
     import transformers.conversion_mapping as cm
 
-    from compresskit.checkpoint.lazy_input import load_input
+    from compresskit.checkpoint.reader import open_model
 
     path = tmp_path / "m"
     tiny_model("llama").save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     monkeypatch.delattr(cm, "get_model_conversion_mapping")  # from_pretrained holds its own reference
-    model, _ = load_input(str(path))
+    model = open_model(str(path), lazy=True).model
     assert all(not t.is_meta for t in model.state_dict().values())
     assert model._compresskit_loading.startswith("in-memory:") and "get_model_conversion_mapping" in model._compresskit_loading

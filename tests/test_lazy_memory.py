@@ -22,7 +22,7 @@ counts the bytes each loader holds instead (exact).
 Before the fixes this test pins, lazy grew by one block per block (210 MB, 4 → 8): glibc's malloc
 kept freed block tensors in a fragmented heap (``models.lazy_store.pin_malloc_mmap_threshold``) and
 the streaming writer held a whole shard (up to 2 GB) of tensors before writing it
-(``checkpoint.writer._ShardWriter`` now appends each tensor to disk as it arrives).
+(``checkpoint.shards.ShardWriter`` now appends each tensor to disk as it arrives).
 """
 
 from __future__ import annotations
@@ -101,13 +101,13 @@ def test_in_memory_load_holds_every_block_lazy_load_holds_none(workspace):
     on disk until a forward or the engine materialises one). The same claim measured as peak RSS of
     a whole prune depends on the allocator and the machine's load, so it is a row of
     ``benchmarks/memory_lazy.py`` (in-memory vs lazy columns), not a test."""
-    from compresskit.checkpoint.lazy_input import load_input
+    from compresskit.checkpoint.reader import open_model
 
     held = {}
     for blocks in (4, 8):
         model_dir, block_mb = _model(workspace, blocks)
         for lazy in (False, True):
-            model, _ = load_input(str(model_dir), dtype="float32", lazy=lazy)
+            model = open_model(str(model_dir), dtype="float32", lazy=lazy).model
             held[blocks, lazy] = _resident_bytes(model)
             del model
     block_bytes = block_mb * 1e6

@@ -15,7 +15,8 @@ import torch
 
 from compresskit.errors import InputError, ModelLoadError
 from compresskit.models import BUILTIN_MODELS, get_adapter, load_model, resolve_device, resolve_dtype
-from compresskit.models import builtin, loading
+from compresskit.models import builtin
+from compresskit.models import source as model_source
 from compresskit.paths import shared_models_dir
 from tiny_models import tiny_model, tiny_tokenizer
 from conftest import needs_shared
@@ -189,11 +190,11 @@ def test_hub_id_unreachable_network(monkeypatch):
         raise ConnectionError("Name or service not known")
 
     monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
-    monkeypatch.setattr(loading, "_in_hub_cache", lambda repo, rev: False)
+    monkeypatch.setattr(model_source, "in_hub_cache", lambda repo, rev: False)
     with pytest.raises(ModelLoadError) as info:
         load_model("someorg/some-model")
     assert str(info.value) == HUB_MESSAGE
-    assert probes == [loading.HUB_PROBE_TIMEOUT_S]  # one short probe, no retries
+    assert probes == [model_source.HUB_PROBE_TIMEOUT_S]  # one short probe, no retries
 
 
 def test_hub_id_that_does_not_exist(monkeypatch):

@@ -114,15 +114,15 @@ KILLED_SAVE = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
     from compresskit.checkpoint import Manifest, save_checkpoint
-    from compresskit.checkpoint import writer
+    from compresskit.checkpoint import shards
     from tiny_models import tiny_model
-    flush = writer._ShardWriter.flush
+    flush = shards.ShardWriter.flush
     def slow_flush(self):
         flush(self)
         if len(self.files) == 1:
             print("FIRST-SHARD", flush=True)
             time.sleep(60)
-    writer._ShardWriter.flush = slow_flush
+    shards.ShardWriter.flush = slow_flush
     save_checkpoint(tiny_model("llama"), None, sys.argv[1], Manifest(base_model="x", method="none"),
                     max_shard_size="100KB")
 """)

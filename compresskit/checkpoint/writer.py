@@ -1,4 +1,13 @@
-"""Streaming save: the weights are written shard by shard, block by block, never all in memory.
+"""Writing a checkpoint: the output guard, the atomic directory, and the streaming save.
+
+``save_checkpoint(model, tokenizer, out, manifest)`` writes safetensors shards, config, tokenizer
+and ``compresskit.json`` into a hidden temporary sibling of ``out`` (``atomic_directory``) and
+renames it into place only when complete, so an interrupted save never leaves a half-written
+checkpoint where the output should be. An existing output is replaced only with ``force``, and
+never when it is (or contains) the input model (``check_output_dir``, run before any compute).
+Reading a checkpoint is ``checkpoint.reader``.
+
+The weights are written shard by shard, block by block, never all in memory:
 
 ``write_model(model, directory)`` produces what ``model.save_pretrained(directory)`` produces —
 ``model.safetensors`` (one shard) or ``model-0000k-of-0000n.safetensors`` +
@@ -9,134 +18,31 @@ and ``generation_config.json`` — but it visits the model one piece at a time: 
 the decoder blocks, then each block through ``models.placement.onload`` (on CPU), whose state dict
 is converted and appended to the current shard; a shard is flushed to disk as soon as it reaches
 ``max_shard_size``. Host memory: one block — each tensor's bytes go to disk as it arrives (see
-``_ShardWriter``), never a whole shard. Shard boundaries may differ from ``save_pretrained``'s (which plans them over the full state dict) — readers use the index.
+``checkpoint.shards.ShardWriter``), never a whole shard. Shard boundaries may differ from ``save_pretrained``'s (which plans them over the full state dict) — readers use the index.
 
 Shards are written under temporary names and renamed to ``-of-0000n`` once their count is known;
-the caller writes into ``checkpoint.io.atomic_directory``, so an interrupted save leaves nothing.
+``save_checkpoint`` writes into ``atomic_directory``, so an interrupted save leaves nothing.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
+import re
 import shutil
-import struct
+import tempfile
+from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from ..compat import parse_size, safetensors_dtype_name
+from ..compat import parse_size
+from ..errors import CheckpointError
 from ..models.adapters import get_adapter
 from ..models.placement import onload
-
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
-
-
-def _parse_size(size: int | str) -> int:
-    return parse_size(size)
-
-
-class _ShardWriter:
-    """Appends each tensor's bytes to the current shard's data files as it arrives, so host memory
-    holds one tensor, not a shard. A safetensors header precedes the data and is only known once the
-    shard is complete: ``flush`` writes it, then appends the data files (``os.copy_file_range``: in
-    the kernel, a reflink where the filesystem supports one). Tensors are grouped by element size,
-    largest first, as ``safetensors.torch.save_file`` does, so every tensor stays aligned."""
-
-    def __init__(self, directory: Path, max_bytes: int):
-        self.directory, self.max_bytes = directory, max_bytes
-        self.pending: dict[str, tuple[str, list[int], int, int]] = {}  # key -> (dtype, shape, element size, local offset)
-        self.pending_bytes = 0
-        self._data: dict[int, object] = {}  # element size -> open data file of the current shard
-        self.files: list[list[str]] = []  # keys per written shard, in order
-        self.total_bytes = 0
-
-    def add(self, key: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self.flush()
-        width = tensor.element_size()
-        data = self._data.get(width)
-        if data is None:
-            data = self._data[width] = open(self._data_path(len(self.files), width), "wb+")  # noqa: SIM115
-        value = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self.pending[key] = (safetensors_dtype_name(tensor.dtype), list(tensor.shape), width, data.tell())
-        data.write(value.numpy().data)
-        del value
-        self.pending_bytes += size
-        self.total_bytes += size
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        widths = sorted(self._data, reverse=True)
-        base, start = {}, 0
-        for width in widths:
-            base[width] = start
-            start += self._data[width].tell()
-        header: dict = {"__metadata__": {"format": "pt"}}
-        for key, (dtype, shape, width, offset) in self.pending.items():
-            begin = base[width] + offset
-            header[key] = {"dtype": dtype, "shape": shape,
-                           "data_offsets": [begin, begin + math.prod(shape) * width]}
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)
-        with open(self._part(len(self.files)), "wb") as shard:
-            shard.write(struct.pack("<Q", len(text)) + text)
-            shard.flush()
-            for width in widths:
-                data = self._data[width]
-                data.flush()
-                _append(shard, data)
-                data.close()
-                os.remove(self._data_path(len(self.files), width))
-        self.files.append(list(self.pending))
-        self.pending, self.pending_bytes, self._data = {}, 0, {}
-
-    def _part(self, index: int) -> Path:
-        return self.directory / f".part-{index:05d}.safetensors"
-
-    def _data_path(self, index: int, width: int) -> Path:
-        return self.directory / f".part-{index:05d}.data-{width}"
-
-    def finish(self, total_parameters: int) -> None:
-        self.flush()
-        n = len(self.files)
-        if n <= 1:
-            if n == 1:
-                os.replace(self._part(0), self.directory / WEIGHTS_NAME)
-            return
-        weight_map = {}
-        for i, keys in enumerate(self.files):
-            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self._part(i), self.directory / name)
-            weight_map.update(dict.fromkeys(keys, name))
-        index = {"metadata": {"total_parameters": total_parameters, "total_size": self.total_bytes},
-                 "weight_map": dict(sorted(weight_map.items()))}
-        (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def _append(target, source) -> None:
-    """Append all of the open file ``source`` to the open file ``target`` without going through Python."""
-    size = source.seek(0, os.SEEK_END)
-    source.seek(0)
-    done = 0
-    try:
-        while done < size:
-            n = os.copy_file_range(source.fileno(), target.fileno(), size - done)
-            if n == 0:
-                break
-            done += n
-    except (AttributeError, OSError):  # no copy_file_range (old kernel / Python, some filesystems)
-        pass
-    if done < size:
-        source.seek(done)
-        target.seek(0, os.SEEK_END)
-        shutil.copyfileobj(source, target, 16 << 20)
-    target.flush()
-
+from ..outputs import HOST, OutputGuard, check_replaceable, current_umask, remove_dead_process_dirs
+from .manifest import Manifest
+from .shards import ShardWriter
 
 def _saved_keys(model) -> set[str]:
     """The state-dict keys ``save_pretrained`` keeps: one name per tied tensor, ignore-on-save dropped."""
@@ -172,7 +78,7 @@ def write_model(model, directory: str | Path, max_shard_size: int | str = "2GB",
     keep = _saved_keys(model)
     adapter = get_adapter(model)
     blocks_prefix = adapter.blocks_path + "."
-    writer = _ShardWriter(directory, _parse_size(max_shard_size))
+    writer = ShardWriter(directory, parse_size(max_shard_size))
 
     def emit(state: dict[str, torch.Tensor]) -> None:
         state = {k: v for k, v in state.items() if k in keep}
@@ -188,3 +94,86 @@ def write_model(model, directory: str | Path, max_shard_size: int | str = "2GB",
             # No copy needed: releasing the block only drops the module's references to these tensors.
             emit({f"{name}.{k}": v for k, v in block.state_dict().items()})
     writer.finish(model.num_parameters())
+
+
+# ----------------------------------------------------------------------------- the checkpoint directory
+def check_output_dir(out_dir: str | Path, force: bool, input_path: str | Path | None = None,
+                     inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Fail early (before any work) if writing ``out_dir`` would lose something.
+
+    The rules are ``compresskit.outputs.OutputGuard.directory``'s: never an input (``input_path``,
+    ``inputs``: model, calibration file, ...), inside one or holding one; an existing directory
+    only with ``force`` and only when it is empty or a compresskit checkpoint (by content) holding
+    nothing but the checkpoint layout and compresskit's own results (``check_replaceable``); never the current
+    directory or an ancestor of it; the parent must be writable.
+    """
+    return OutputGuard([input_path, *inputs]).directory(out_dir, force=force, flag="")
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Delete ``.NAME.tmp-HOST-PID-*`` / ``.NAME.old-HOST-PID`` siblings of ``out`` left by a killed save.
+
+    Only entries of this host whose process is gone are removed: a live process's temporary
+    directory (another save running now) is never touched, nor are other hosts' (shared disks).
+    """
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:tmp|old)-{re.escape(HOST)}-(\d+)(?:-[^/]*)?$")
+    return remove_dead_process_dirs(out.parent, pattern)
+
+
+@contextmanager
+def atomic_directory(out_dir: str | Path, force: bool = False):
+    """Yield a temporary directory that becomes ``out_dir`` only if the block completes.
+
+    The temporary sibling is ``.NAME.tmp-HOST-PID-XXXX`` (stale ones of dead processes are removed
+    first) and gets the permissions of a normal ``mkdir`` (``0o777 & ~umask``, not mkdtemp's 0700).
+    ``OSError`` while writing (disk full, permissions) becomes a one-line ``CheckpointError``.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    tmp = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{HOST}-{os.getpid()}-", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~current_umask())
+        yield tmp
+        if out.exists():
+            if not force:
+                raise CheckpointError(f"output {out} already exists; pass --force to replace it")
+            check_replaceable(out)  # again at the end: by content, and never with files the layout does not name
+            trash = out.parent / f".{out.name}.old-{HOST}-{os.getpid()}"
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except OSError as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        raise CheckpointError(f"cannot write checkpoint {out}: {exc.strerror or exc}{where}") from None
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_checkpoint(model, tokenizer, out_dir: str | Path, manifest: Manifest, force: bool = False,
+                    max_shard_size: str = "2GB") -> Path:
+    """Write safetensors shards, config, tokenizer and the manifest, atomically."""
+    out = Path(out_dir).expanduser().resolve()
+    try:
+        with atomic_directory(out, force=force) as tmp:
+            # Streamed block by block through onload: the full state dict is never in memory. With
+            # replaced modules, keep the model's own keys (e.g. fused MoE experts): the reader checks them
+            # strictly against the rebuilt model, which the per-expert "original format" would fail.
+            write_model(model, tmp, max_shard_size=max_shard_size, original_format=not manifest.structure)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            manifest.write(tmp)
+    except BaseException:
+        # nothing of a failed save stays beside the output, spills of a lazily loaded model included
+        store = getattr(model, "_compresskit_lazy_store", None)
+        if store is not None:
+            store.discard_spills()
+        raise
+    return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from compresskit.checkpoint.io import register_structure_kind
+from compresskit.checkpoint.structure import register_structure_kind
 from compresskit.errors import CheckpointError
 from compresskit.lowrank.layer import LowRankLinear, install_lowrank_shells
 

@@ -278,3 +278,29 @@ def plan_activation_memory(job: PruneJob, budget: int | None, needs: str,
         force_offload=job.offload_activations,
         budget_name=budget_name,
     )
+
+
+def prepare_job(job: PruneJob, entry, config, pattern: Pattern, pruner: str, budget: int | None,
+                budget_name: str = "--max-gpu-memory") -> MemoryPlan | None:
+    """What the loaded model decides before a method runs, one line each: the pattern fits every block,
+    ``--include`` / ``--exclude`` match, and, for a method that calibrates, the calibration length
+    fitted to the model's context and the device memory planned (the plan, recorded in the manifest;
+    the activations' place is set on the job). None: the method does not calibrate."""
+    validate_pattern(job, [pattern] * job.adapter.num_blocks)
+    if job.include or job.exclude:
+        check_selection(job)
+    if not entry.needs_calibration(job, config):
+        return None
+    job.fit_calibration()  # an unset --seqlen fits the model's context before the memory plan reads it
+    memory = plan_activation_memory(job, budget, PRUNERS[pruner].needs if entry.kind == "sparsity" else "none",
+                                    budget_name)
+    job.offload_activations = memory.offload_activations
+    return memory
+
+
+def calibration_record(job: PruneJob) -> dict:
+    """The manifest's ``calibration`` of a job that calibrated: the spec used, the samples' hash and
+    provenance, and the default length an unset ``--seqlen`` was lowered from."""
+    data = job.calibration_data()  # loaded once, by the method's run
+    return dict(job.calibration.to_dict(), hash=data.hash, **data.provenance(),
+                **({"seqlen_default": job.seqlen_default} if job.seqlen_default is not None else {}))

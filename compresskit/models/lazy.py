@@ -35,10 +35,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..compat import causal_lm_class, internal, method, problems, safetensors_dtype
+from ..compat import causal_lm_class, internal, method, problems
 from ..errors import ModelLoadError
+from .adapters import get_adapter
 from .lazy_store import ATTR, LazyStore, OriginalSource, lazy_ref, store_of
-from .weight_files import refuse_missing_weights
+from .loading import auto_class
+from .placement import onload
+from .weight_files import refuse_missing_weights, safetensors_dtype
 
 LOADING_LAZY = "lazy"
 
@@ -104,9 +107,7 @@ def _file_identity(path: str) -> tuple[int, int, int] | None:
 
 
 def _model_class(config, trust_remote_code: bool):
-    from .loading import _auto_class
-
-    cls = causal_lm_class(config, _auto_class(config))
+    cls = causal_lm_class(config, auto_class(config))
     if cls is None:
         raise LazyUnsupported("remote-code model: loaded in memory")
     return cls
@@ -219,8 +220,6 @@ def _require_transformers_loading_api() -> None:
 
 def _install_block_hooks(blocks: nn.ModuleList) -> None:
     """A plain forward materialises each block for its own call and releases it afterwards."""
-    from .placement import onload
-
     def pre(block, args, kwargs):
         if store_of(block) is None:
             return None
@@ -252,8 +251,6 @@ def load_lazily(directory: str | Path, dtype: torch.dtype | None = None, structu
     """
     _require_transformers_loading_api()
     from transformers.core_model_loading import convert_and_load_state_dict_in_model
-
-    from .adapters import get_adapter
 
     directory = Path(directory)
     files = _Files(_weight_files(directory))

@@ -1,9 +1,11 @@
-"""``load_model``: a model and its tokenizer from a local directory, a Hub id or a built-in name.
+"""In-memory loading: a model and its tokenizer with transformers' ``from_pretrained``.
 
-Every way it can fail because of what the user typed (missing path, directory without
-config.json or weights, unknown Hub id, Hub unreachable) is a one-line ``ModelLoadError``. The
-Hub is probed once with a short timeout before ``from_pretrained``: transformers' own retries
-take ~25 s to give up on an unreachable host.
+``load_model(name)`` resolves ``name`` (``models.source``: built-in name, local directory, Hub id)
+and loads it in memory; ``load_pretrained(source)`` / ``load_tokenizer(source)`` are its two steps,
+which the loader (``checkpoint.reader.open_model``) uses when a model is not loaded lazily.
+``auto_class(config)`` picks the transformers auto class (causal LM, or image-text-to-text for VLM
+wrappers such as LLaVA); the lazy loader builds its skeleton from the same class. Every failure
+caused by what the user gave is a one-line ``ModelLoadError``.
 
 Attention uses transformers' default (SDPA where the architecture supports it, eager otherwise);
 padded batches work with it because transformers ≥ 5 builds explicit 4-D masks from
@@ -12,31 +14,18 @@ padded batches work with it because transformers ≥ 5 builds explicit 4-D masks
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import torch
 
-from compresskit.errors import InputError, ModelLoadError
-from compresskit.hub import offline_forced
-from compresskit.models.builtin import builtin_model_dir, is_builtin
-from compresskit.models.weight_files import (
-    LOAD_ERRORS,
-    check_safetensors_files,
-    describe_load_error,
-    refuse_missing_weights,
-)
+from ..compat import causal_lm_class
+from ..errors import InputError, ModelLoadError
+from .source import HUB_PROBE_TIMEOUT_S, Source, resolve_source  # noqa: F401 - HUB_PROBE_TIMEOUT_S: also loading's name
+from .weight_files import LOAD_ERRORS, describe_load_error, refuse_missing_weights
 
-HUB_PROBE_TIMEOUT_S = 5.0
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
-_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.index.json")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-# "org/name" or "name": what a Hub id can look like (used only when no such local path exists).
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype | None:
@@ -84,89 +73,19 @@ def load_model(
     """
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
-    name = str(name_or_path)
-    hub_kwargs: dict = {}
-    if is_builtin(name):
-        source = str(builtin_model_dir(name))
-    else:
-        path = Path(name).expanduser()
-        if path.exists():
-            _check_local_dir(path)
-            source = str(path)
-        elif _HUB_ID.match(name) and not name.startswith("."):
-            source = name
-            hub_kwargs = _hub_access(name, revision)
-        else:
-            raise ModelLoadError(f"model path '{name}' does not exist")
-    common = dict(revision=revision, trust_remote_code=trust_remote_code, **hub_kwargs)
-    model = _load_weights(source, torch_dtype, common)
-    tokenizer = _load_tokenizer(source, common)
-    model.config.use_cache = False
-    model.eval()
+    source = resolve_source(str(name_or_path), revision)
+    model = load_pretrained(source, torch_dtype, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     return model.to(torch_device), tokenizer
 
 
-def _check_local_dir(path: Path) -> None:
-    if not path.is_dir():
-        raise ModelLoadError(f"'{path}' is a file; pass the model directory (config.json + *.safetensors)")
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(
-            f"'{path}' has no config.json: a model directory needs config.json and *.safetensors weights"
-        )
-    if not any(next(path.glob(p), None) for p in _WEIGHT_PATTERNS):
-        raise ModelLoadError(f"'{path}' has config.json but no weights (*.safetensors or pytorch_model*.bin)")
-    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
-        raise ModelLoadError(
-            f"'{path}' has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); save the tokenizer next to the model"
-        )
-    check_safetensors_files(path, ModelLoadError, "model")
+def _pretrained_kwargs(source: Source, trust_remote_code: bool) -> dict:
+    return dict(revision=source.revision, trust_remote_code=trust_remote_code, **source.hub_kwargs)
 
 
-def _hub_access(repo_id: str, revision: str | None) -> dict:
-    """Probe the Hub quickly; extra ``from_pretrained`` kwargs (``local_files_only``) or an error.
-
-    Unreachable Hub (offline mode, DNS or connection failure, timeout): fall back to the local
-    Hub cache; the error only comes when the model is not cached either.
-    """
-    not_found = f"model '{repo_id}' not found: not a local directory and the Hugging Face Hub is unreachable"
-    if not offline_forced():
-        from huggingface_hub import model_info
-        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
-        try:
-            model_info(repo_id, revision=revision, timeout=HUB_PROBE_TIMEOUT_S)
-            return {}
-        except GatedRepoError:
-            return {}  # from_pretrained uses the user's token, or says the repo is gated
-        except RepositoryNotFoundError:
-            raise ModelLoadError(
-                f"model '{repo_id}' not found: no such local directory or Hugging Face Hub repository "
-                "(private? run `hf auth login`)"
-            ) from None
-        except RevisionNotFoundError:
-            raise ModelLoadError(f"revision '{revision}' of '{repo_id}' not found on the Hugging Face Hub") from None
-        except Exception:  # noqa: BLE001 - any transport failure means "unreachable"
-            pass
-    if _in_hub_cache(repo_id, revision):
-        return {"local_files_only": True}
-    raise ModelLoadError(not_found)
-
-
-def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
-    except Exception:  # noqa: BLE001 - a malformed cache is "not cached"
-        return False
-    return isinstance(found, str)
-
-
-def _auto_class(config):
+def auto_class(config):
     """AutoModelForCausalLM, or the image-text-to-text auto class for VLM wrappers (LLaVA)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    from ..compat import causal_lm_class
 
     for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
         if causal_lm_class(config, auto) is not None:
@@ -182,27 +101,34 @@ def _auto_class(config):
     )
 
 
-def _load_weights(source: str, dtype: torch.dtype | None, common: dict):
+def load_pretrained(source: Source, dtype: torch.dtype | None, trust_remote_code: bool = False):
+    """The model of ``source`` in memory, exactly as ``from_pretrained`` builds it (eval mode,
+    ``use_cache`` off); a tensor the weight files lack is an error, never a random initialisation."""
     from transformers import AutoConfig
 
+    common = _pretrained_kwargs(source, trust_remote_code)
+    where = source.pretrained_id
     try:
-        config = AutoConfig.from_pretrained(source, **common)
-        auto = _auto_class(config)
-        model, info = auto.from_pretrained(source, config=config, dtype=dtype or "auto", output_loading_info=True,
+        config = AutoConfig.from_pretrained(where, **common)
+        auto = auto_class(config)
+        model, info = auto.from_pretrained(where, config=config, dtype=dtype or "auto", output_loading_info=True,
                                            **common)
     except ModelLoadError:
         raise
     except (*LOAD_ERRORS, ImportError) as exc:
         hint = " (remote code: pass trust_remote_code=True if you trust it)" if "trust_remote_code" in str(exc) else ""
-        raise ModelLoadError(f"cannot load model '{source}': {describe_load_error(exc)}{hint}") from None
-    refuse_missing_weights(info["missing_keys"], source, ModelLoadError, "model", config)
-    return model
+        raise ModelLoadError(f"cannot load model '{where}': {describe_load_error(exc)}{hint}") from None
+    refuse_missing_weights(info["missing_keys"], where, ModelLoadError, "model", config)
+    model.config.use_cache = False
+    return model.eval()
 
 
-def _load_tokenizer(source: str, common: dict):
+def load_tokenizer(source: Source, trust_remote_code: bool = False):
+    """The tokenizer stored with ``source`` (one ``ModelLoadError`` line when it cannot be loaded)."""
     from transformers import AutoTokenizer
 
+    where = source.pretrained_id
     try:
-        return AutoTokenizer.from_pretrained(source, **common)
+        return AutoTokenizer.from_pretrained(where, **_pretrained_kwargs(source, trust_remote_code))
     except (*LOAD_ERRORS, ImportError) as exc:
-        raise ModelLoadError(f"cannot load the tokenizer of '{source}': {describe_load_error(exc)}") from None
+        raise ModelLoadError(f"cannot load the tokenizer of '{where}': {describe_load_error(exc)}") from None

@@ -9,7 +9,9 @@ tensors it places in them — the same check for the lazy and the in-memory load
 transformers (config sizes that disagree with the weights) raise for bad files;
 ``describe_load_error`` turns one into the line worth showing. ``refuse_missing_weights`` is the
 one check that every loader (in memory, lazy, checkpoint) runs on the keys it found missing:
-a missing tensor is an error naming it, never a random initialisation.
+a missing tensor is an error naming it, never a random initialisation. The format's dtype names
+(``safetensors_dtypes``: the header field ``dtype``) are here too: the lazy loader reads them, the
+checkpoint writer writes them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pickle
 import re
 import struct
 from collections.abc import Iterable
+from functools import lru_cache
 from pathlib import Path
 
 from compresskit.errors import CompressKitError
@@ -168,3 +171,31 @@ def describe_load_error(exc: BaseException) -> str:
         return f"{name}: stored tensor has shape {saved}, the model expects {expected}"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
+
+
+# ----------------------------------------------------------------------------- the format's dtype names
+@lru_cache(maxsize=1)
+def safetensors_dtypes() -> dict:
+    """safetensors' dtype names (the file format's header field ``dtype``) → torch dtypes."""
+    import torch  # not at module level: the CLI imports this module before any command runs
+
+    return {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+        "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
+        "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "C64": torch.complex64,
+    }
+
+
+def safetensors_dtype(name: str):
+    try:
+        return safetensors_dtypes()[name]
+    except KeyError:
+        raise ValueError(f"safetensors dtype {name!r} is not supported by compresskit") from None
+
+
+def safetensors_dtype_name(dtype) -> str:
+    for name, value in safetensors_dtypes().items():
+        if value == dtype:
+            return name
+    raise ValueError(f"dtype {dtype} cannot be written to safetensors")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from ..checkpoint.io import register_structure_kind
+from ..checkpoint.structure import register_structure_kind
 from ..errors import CheckpointError
 from .condense import CondensedMoE
 
