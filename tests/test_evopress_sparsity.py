@@ -1,0 +1,239 @@
+"""EvoPress's sparsity search (--method evopress --level matrix): levels, database, fitness, search, resume."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from compresskit import api
+from compresskit.analysis.distances import token_kl
+from compresskit.pruning import Pattern, matrix_mask, wanda_prune_
+from compresskit.search.database import level_codes, row_counts, top_up, weight_at
+from compresskit.search.evolution import level_switch
+from compresskit.search.levels import LevelPlan, default_level_step, round_to_budget
+
+RUN = dict(nsamples=8, seqlen=32, batch_size=4, device="cpu")
+FAST = {"generations": 4, "offspring": 4, "tokens": "32,128", "survivors": "2,1"}
+
+
+@pytest.fixture
+def calib(sotu_jsonl) -> str:
+    return f"file:{sotu_jsonl}"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls: one thread (beside the other xdist worker two threads spin: 23 ms per 64-wide linear)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------ pure parts
+def test_level_switch_keeps_the_exact_zero_count_across_shapes():
+    shapes = [(64, 64), (32, 64), (128, 64), (64, 128), (8, 16)]  # q, k, gate, down, a tiny expert
+    numels = [r * c for r, c in shapes]
+    plan = LevelPlan.build(numels, 0.6, 8, default_level_step(0.6, 8, 64))
+    assert plan.step == int(0.5 * 0.4 / 8 * 64 * 64)
+    assert plan.low[-1] == plan.high[-1] == 0  # 128 weights cannot move by 102 zeros: frozen at level 0
+    budget = sum(int(n * 0.6) for n in numels)
+    rng = random.Random(0)
+    levels = [0] * len(numels)
+    for _ in range(500):
+        levels = level_switch(levels, [0] * len(numels), plan.low, plan.high, rng)
+        assert plan.total_zeros(levels) == budget
+        assert all(0 <= plan.zeros(i, lv) <= n for i, (lv, n) in enumerate(zip(levels, numels)))
+
+
+def test_level_codes_give_exact_counts_and_are_wandas_masks():
+    torch.manual_seed(0)
+    w = torch.randn(24, 40)
+    stat = torch.rand(40) + 0.1
+    scores = (w.abs() * stat.sqrt())
+    zeros = [0, 100, 240, 333, 480, 959]  # 240 and 480: multiples of the 24 rows
+    code = level_codes(scores, zeros, per_row=True)
+    for j, z in enumerate(zeros):
+        pruned = code <= j
+        assert int(pruned.sum()) == z
+        assert torch.equal(pruned.sum(1), row_counts(z, 24))
+        if z % 24 == 0 and z:
+            ref = w.clone()
+            mask = wanda_prune_(ref, stat, z / w.numel(), Pattern.unstructured())
+            assert torch.equal(pruned, mask)
+            assert torch.equal(weight_at(w, code, j), ref)
+    # magnitude: the whole matrix is the group, exactly matrix_mask's k smallest
+    code = level_codes(w.abs(), zeros, per_row=False)
+    for j, z in enumerate(zeros):
+        if z:
+            assert torch.equal(code <= j, matrix_mask(w.abs(), z / w.numel()))
+
+
+def test_top_up_reaches_the_count_with_the_smallest_survivors():
+    w = torch.tensor([[5.0, -0.1, 3.0, 0.2], [1.0, 2.0, -0.05, 4.0]])
+    pruned = torch.zeros_like(w, dtype=torch.bool)
+    pruned[0, 0] = True
+    w[0, 0] = 0
+    assert top_up(w, pruned, 3) == 3
+    assert pruned.tolist() == [[True, True, False, False], [False, False, True, False]]
+    assert (w[pruned] == 0).all()
+
+
+def test_round_to_budget_and_seed_conversion():
+    assert round_to_budget([0.6, -0.4, 0.2, -0.4], [-2] * 4, [2] * 4, 0) == [1, 0, 0, -1]
+    assert sum(round_to_budget([3.7, 3.7, -1.2], [-2] * 3, [2] * 3, 0)) == 0
+    plan = LevelPlan.build([4096, 2048, 8192], 0.5, 8, 128)
+    # a heuristic giving the first matrix more, the last less, parameter-weighted mean 0.5
+    levels = plan.from_ratios([0.55, 0.5, 0.475])
+    assert sum(levels) == 0 and levels[0] > 0 > levels[2]
+    assert abs(plan.zeros(0, levels[0]) / 4096 - 0.55) <= 128 / 4096
+
+
+# --------------------------------------------------------------------------------------------- models
+def _model_dir(tmp_path_factory, layers: int = 2, fragile: int | None = None) -> Path:
+    """A tiny llama; ``fragile``: that block's down_proj scaled by 8 (its output dominates the residual)."""
+    from tiny_models import tiny_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
+                         bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    if fragile is not None:
+        with torch.no_grad():
+            model.model.layers[fragile].mlp.down_proj.weight.mul_(8.0)
+    path = tmp_path_factory.mktemp(f"evo-llama{layers}-{fragile}")
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return _model_dir(tmp_path_factory)
+
+
+def _prune(src, out, calib, pruner="wanda", options=None, **kw):
+    return api.prune(str(src), "evopress", sparsity=0.5, pruner=pruner, calib=calib, out=out,
+                     method_options={**FAST, **(options or {})}, **{**RUN, **kw})
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for f in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    return tensors
+
+
+def test_fragile_layer_ends_with_the_lowest_sparsity(tmp_path_factory, tmp_path, calib):
+    src = _model_dir(tmp_path_factory, layers=4, fragile=2)
+    outcome = api.prune(str(src), "evopress", sparsity=0.5, pruner="magnitude", calib=calib, include="down_proj",
+                        method_options={"generations": 25, "offspring": 6, "tokens": "32,128", "survivors": "2,1"},
+                        out=tmp_path / "out", **RUN)
+    d = outcome.manifest.method_details
+    levels = d["levels_per_matrix"]
+    fragile = "model.layers.2.mlp.down_proj"
+    assert levels[fragile] == min(levels.values()) < 0
+    assert d["sparsity_per_matrix"][fragile] == min(d["sparsity_per_matrix"].values()) < 0.5
+    assert d["final_fitness"] < d["seed_fitness"]["uniform"]
+    assert d["achieved_zeros"] == d["target_zeros"] == outcome.manifest.sparsity["decoder_linear_zeros"]
+
+
+def test_uniform_seed_fitness_is_the_kl_of_magnitude_pruning_and_the_search_beats_it(tiny_dir, tmp_path, calib):
+    """The seed ``uniform`` under magnitude is exactly ``--method magnitude``: its fitness must equal
+    an independent whole-model KL, and the search's final fitness may not be worse."""
+    from compresskit.calibration import CalibrationSpec, load_calibration
+    from compresskit.models import load_model
+
+    outcome = _prune(tiny_dir, tmp_path / "evo", calib, pruner="magnitude")
+    d = outcome.manifest.method_details
+    assert d["final_fitness"] <= d["seed_fitness"]["uniform"]
+    assert d["seed_winner"] == "uniform"
+
+    dense, tok = load_model(str(tiny_dir))
+    pruned, _ = load_model(str(tiny_dir))
+    for name, module in pruned.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            w = module.weight.data
+            w.masked_fill_(matrix_mask(w.abs(), int(w.numel() * 0.5) / w.numel()), 0)
+    data = load_calibration(CalibrationSpec(source=calib, nsamples=8, seqlen=32, seed=0), tok)
+    ids = data.input_ids[:4]  # the last stage: 128 tokens = 4 samples of 32
+    with torch.no_grad():
+        ref, new = dense(ids).logits[:, :-1], pruned(ids).logits[:, :-1]
+    expected = float(token_kl(ref.float(), new.float()).mean())
+    assert d["seed_fitness"]["uniform"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_deterministic_and_database_reuse_is_bit_identical(tiny_dir, tmp_path, calib):
+    first = _prune(tiny_dir, tmp_path / "a", calib)
+    second = _prune(tiny_dir, tmp_path / "b", calib, load="in-memory")
+    a, b = first.manifest.method_details, second.manifest.method_details
+    assert not a["database"]["reused"] and b["database"]["reused"]
+    assert a["database"]["key"] == b["database"]["key"]
+    assert a["levels_per_matrix"] == b["levels_per_matrix"]
+    assert [h["best_fitness"] for h in a["fitness_history"]] == [h["best_fitness"] for h in b["fitness_history"]]
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # a rebuilt database gives the same bits again; another search seed searches differently
+    third = _prune(tiny_dir, tmp_path / "c", calib, options={"rebuild_database": True, "seed": 1})
+    c = third.manifest.method_details
+    assert not c["database"]["reused"] and c["database"]["key"] == a["database"]["key"]
+    assert c["seed_fitness"] == a["seed_fitness"]
+
+
+def test_resume_after_interrupt_equals_uninterrupted(tiny_dir, tmp_path, calib):
+    options = {"generations": 6}
+    full = _prune(tiny_dir, tmp_path / "full", calib, options=options).manifest.method_details
+
+    def interrupt(phase, done, total, label=""):
+        if phase == "evopress" and done == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        _prune(tiny_dir, out, calib, options=options, progress=interrupt)
+    assert not out.exists()  # Ctrl-C writes no checkpoint
+    state = json.loads((tmp_path / "cut.search-state" / "state.json").read_text())
+    assert state["state"]["generation"] == 3
+    # a fresh run would overwrite an unfinished search: refused
+    from compresskit.errors import InputError
+
+    with pytest.raises(InputError, match="--resume"):
+        _prune(tiny_dir, out, calib, options=options)
+    with pytest.raises(InputError, match="search_seed"):
+        _prune(tiny_dir, out, calib, options={**options, "resume": True, "seed": 5})
+    resumed = _prune(tiny_dir, out, calib, options={**options, "resume": True}).manifest.method_details
+    assert resumed["resumed_from_generation"] == 3
+    assert resumed["levels_per_matrix"] == full["levels_per_matrix"]
+    assert resumed["final_fitness"] == full["final_fitness"]
+    assert [h["best_fitness"] for h in resumed["fitness_history"]] == [h["best_fitness"] for h in full["fitness_history"]]
+    assert resumed["tokens_seen"] == full["tokens_seen"]
+
+
+def test_sparsegpt_levels_are_exact_and_the_output_holds_them(tiny_dir, tmp_path, calib):
+    outcome = _prune(tiny_dir, tmp_path / "sgpt", calib, pruner="sparsegpt", options={"delete_database": True})
+    d = outcome.manifest.method_details
+    assert d["database"]["kind"] == "weights" and d["database"]["deleted"]
+    assert not Path(d["database"]["path"]).exists()
+    assert d["achieved_zeros"] == d["target_zeros"] == outcome.manifest.sparsity["decoder_linear_zeros"]
+    saved = _weights(tmp_path / "sgpt")
+    for name, s in d["sparsity_per_matrix"].items():
+        w = saved[f"{name}.weight"]
+        assert int((w == 0).sum()) == round(s * w.numel())
+
+
+def test_moe_experts_search_with_the_exact_budget(tiny_model_dir, tmp_path, calib):
+    src = tiny_model_dir("qwen2_moe")
+    outcome = api.prune(str(src), "evopress", sparsity=0.5, pruner="wanda", calib=calib, out=tmp_path / "moe",
+                        method_options={**FAST, "generations": 3}, **RUN)
+    d = outcome.manifest.method_details
+    assert any(".experts." in n for n in d["levels_per_matrix"])
+    assert d["achieved_zeros"] == d["target_zeros"] == outcome.manifest.sparsity["decoder_linear_zeros"]
