@@ -69,7 +69,7 @@ def validation_text() -> str:
 def perplexity(model, ids: torch.Tensor, windows: int, seqlen: int = 512) -> float:
     losses = []
     for w in range(min(windows, ids.numel() // seqlen)):
-        x = ids[w * seqlen:(w + 1) * seqlen].unsqueeze(0)
+        x = ids[w * seqlen:(w + 1) * seqlen].unsqueeze(0).to(model.device)
         losses.append(float(model(x, labels=x).loss))
     return math.exp(sum(losses) / len(losses))
 
@@ -77,6 +77,7 @@ def perplexity(model, ids: torch.Tensor, windows: int, seqlen: int = 512) -> flo
 @torch.no_grad()
 def decode_tps(model, prompt: torch.Tensor, new_tokens: int) -> float:
     model.generation_config.pad_token_id = 0
+    prompt = prompt.to(model.device)
     model.generate(prompt, max_new_tokens=2, do_sample=False, use_cache=True)  # warm-up
     t0 = time.perf_counter()
     out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True)
@@ -94,14 +95,14 @@ class ZeroMLP(nn.Module):
         return torch.zeros_like(x)
 
 
-def saved(path: str, method: str, tmp: str, **kwargs):
+def saved(path: str, method: str, tmp: str, device: str = "cpu", **kwargs):
     """Prune, save through compresskit's checkpoint writer, reload with compresskit.load: the figures
     are those of the checkpoint a user gets (bytes of its safetensors, ppl of the reloaded model)."""
     out = Path(tempfile.mkdtemp(dir=tmp)) / "ckpt"
-    result = api.prune(path, method, device="cpu", out=out, **kwargs)
+    result = api.prune(path, method, device=device, out=out, **kwargs)
     form = result.manifest.method_details.get("form")
     del result
-    model = api.load(out)
+    model = api.load(out, device=device)
     model.eval()
     return model, out, form
 
@@ -196,7 +197,7 @@ def run_fixture(key: str, args, record: dict) -> dict:
     """Fill ``record`` (rows appended in place; ``args.save()`` after each, so a run that dies keeps them)."""
     path = str(shared_models_dir() / FIXTURES[key])
     calib = f"file:{args.calib}"
-    model, tok = load_model(path, device="cpu")
+    model, tok = load_model(path, device=args.device)
     model.eval()
     ids = torch.tensor(tok(validation_text())["input_ids"])
     prompt = ids[:16].unsqueeze(0)
@@ -225,7 +226,7 @@ def run_fixture(key: str, args, record: dict) -> dict:
                 print(f"  orders from {given} (searched earlier, --expert-weight {weight})", flush=True)
             else:
                 t0 = time.perf_counter()
-                search = api.prune(path, "cdmoe", calib=calib, nsamples=args.nsamples, seqlen=args.seqlen, device="cpu",
+                search = api.prune(path, "cdmoe", calib=calib, nsamples=args.nsamples, seqlen=args.seqlen, device=args.device,
                                    method_options={"experts": max(args.ks), "layers": max(args.layers),
                                                    "expert_weight": weight, "expert_stop": args.expert_stop})
                 search_s = time.perf_counter() - t0
@@ -249,7 +250,7 @@ def run_fixture(key: str, args, record: dict) -> dict:
             for k in args.ks:
                 for L in args.layers:
                     for gate in gates:
-                        cm, ckpt, form = saved(path, "cdmoe", tmp, method_options={
+                        cm, ckpt, form = saved(path, "cdmoe", tmp, args.device, method_options={
                             "experts": k, "layers": L, "from_order": str(orders_path), "shared_gate": gate,
                             "expert_weight": weight})
                         last = k == max(args.ks) and L == max(args.layers)
@@ -273,8 +274,8 @@ def run_fixture(key: str, args, record: dict) -> dict:
                     budget_rows = []
                     n = min(num_experts - top_k, max(1, round(budget / (len(moe) * expert_params))))
                     if n not in reap_rows:
-                        rm, ckpt, _ = saved(path, "reap", tmp, calib=calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                                            method_options={"remove_experts": n / num_experts})
+                        rm, ckpt, _ = saved(path, "reap", tmp, args.device, calib=calib, nsamples=args.nsamples,
+                                            seqlen=args.seqlen, method_options={"remove_experts": n / num_experts})
                         reap_rows[n] = row(f"  REAP -{n}/{num_experts} experts", rm, tok, ids, args, dense_params,
                                            ckpt=ckpt)
                         del rm
@@ -283,7 +284,7 @@ def run_fixture(key: str, args, record: dict) -> dict:
                     budget_rows.append(dict(reap_rows[n], method="reap", experts_removed_per_layer=n))
                     m = min(len(moe), max(1, round(budget / moe_params)))
                     if m not in drop_rows:
-                        dropped, _ = load_model(path, device="cpu")
+                        dropped, _ = load_model(path, device=args.device)
                         dropped.eval()
                         da = get_adapter(dropped)
                         order = orders["layer_order"] + [b for b in moe if b not in orders["layer_order"]]
@@ -333,6 +334,9 @@ def main(argv=None):
                     help="CD-MoE's greedy expert search: budget (the paper's) or objective (stop before an expert "
                          "that does not lower the search's distance).")
     ap.add_argument("--keep-orders", default=None, metavar="DIR", help="Write each fixture's orders JSON here.")
+    ap.add_argument("--device", default="cpu",
+                    help="Where searches, pruning and evaluation run (cpu, as every stored result unless its settings "
+                         "say otherwise; cuda: decode tok/s is then the GPU's). Fine-tuning rows stay on cpu.")
     ap.add_argument("--ft-steps", type=int, default=0, help="Fine-tune these (k, L) points for N steps (0: none).")
     ap.add_argument("--ft-configs", default="0:4,4:6", help="k:L points to fine-tune, comma-separated.")
     ap.add_argument("--ft-what", default="cdmoe", help="What to fine-tune at --ft-configs: cdmoe, reap or cdmoe,reap "
@@ -350,7 +354,13 @@ def main(argv=None):
         lines = (shared_data_dir() / "corpora" / "sotu.jsonl").read_text().splitlines()
         args.calib = str(Path(tempfile.mkdtemp()) / "sotu_train.jsonl")
         Path(args.calib).write_text("\n".join([line for line in lines if line][:-10]) + "\n")
-    results = {"settings": {**vars(args), "ft_configs": sorted(args.ft_configs)}, "load_average_start": list(os.getloadavg()), "fixtures": []}
+    import transformers
+
+    env = {"torch": torch.__version__, "transformers": transformers.__version__, "device": args.device,
+           "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+           "threads": torch.get_num_threads()}
+    results = {"settings": {**vars(args), "ft_configs": sorted(args.ft_configs)}, "environment": env,
+               "load_average_start": list(os.getloadavg()), "fixtures": []}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
 
     def save():  # after every row, so a long run keeps what it finished
