@@ -2,7 +2,7 @@
 
 A compressed model may hold modules transformers does not know (low-rank factors, condensed MoE
 layers, removed sublayers). Each such *kind* registers, in the module that defines it
-(``lowrank/structure.py``, ``moe/structure.py``, ``depth/structure.py``, ``methods/structures.py``),
+(``lowrank/structure.py``, ``moe/structure.py``, ``depth/structure.py``),
 a loader that re-installs the replacement on a freshly built model and a describer that reads the
 manifest entry off a model. The reader installs the entries of a manifest before the weights are
 matched (``install_structure``); the writer records what the model holds (``describe_structure``).
@@ -16,8 +16,7 @@ from typing import Callable
 from torch import nn
 
 #: the modules that define structure kinds; importing one registers its kinds
-KIND_MODULES = ("compresskit.lowrank.structure", "compresskit.methods.structures", "compresskit.moe.structure",
-                "compresskit.depth.structure")
+KIND_MODULES = ("compresskit.lowrank.structure", "compresskit.moe.structure", "compresskit.depth.structure")
 
 # kind -> function(model, entry) that replaces modules so the saved tensors fit again.
 _LOADERS: dict[str, Callable[[nn.Module, dict], None]] = {}
@@ -48,10 +47,7 @@ def register_structure_kind(kind: str, describe: Callable[[nn.Module], dict | No
 def import_structure_kinds() -> None:
     """Import the modules that define structure kinds (they register on import)."""
     for module in KIND_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError:
-            pass
+        importlib.import_module(module)
 
 
 def known_structure_kinds() -> set[str]:
