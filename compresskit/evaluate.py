@@ -5,8 +5,9 @@ in-memory model (§1.5, §11.3), and optionally efficiency figures, all recorded
 ``EvalResult`` (schema v1) together with the checkpoint's manifest summary, so a results file
 says what was evaluated and how without the checkpoint at hand.
 
-A checkpoint is loaded from disk with ``checkpoint.load_with_tokenizer`` (module replacements
-rebuilt), never taken from the pruning process's memory: what is scored is what was saved.
+A checkpoint is loaded from disk with ``checkpoint.reader.load_with_tokenizer`` (module replacements
+rebuilt), any other model with ``checkpoint.reader.open_model`` (in memory), never taken from the
+pruning process's memory: what is scored is what was saved.
 ``baseline=True`` scores the dense model a checkpoint was compressed from (the manifest's
 ``base_model``) with exactly the same settings, which is what makes ``compare dense.json
 ckpt.json`` an honest before/after table.
@@ -74,10 +75,9 @@ def manifest_summary(manifest: Manifest) -> dict:
 
 def _load(target, tokenizer, *, device, dtype: str, revision: str | None):
     """(model, tokenizer, ModelInfo, folder holding its weights or None)."""
-    from .checkpoint import load_with_tokenizer
-    from .models import load_model, resolve_dtype
+    from .checkpoint.reader import load_with_tokenizer, open_model
+    from .models.loading import resolve_dtype
     from .models.placement import move_model
-    from .models.builtin import builtin_model_dir, is_builtin
 
     if not isinstance(target, (str, Path)):
         if tokenizer is None:
@@ -92,11 +92,9 @@ def _load(target, tokenizer, *, device, dtype: str, revision: str | None):
                          manifest=manifest_summary(manifest))
         return model, tok, info, path
     name = str(target)
-    model, tok = load_model(name, dtype=dtype, device=str(device), revision=revision)
-    folder = builtin_model_dir(name) if is_builtin(name) else Path(name).expanduser()
-    if not folder.is_dir():
-        folder = _hub_snapshot(name, revision)
-    return model, tok, ModelInfo(path=name), folder
+    loaded = open_model(name, dtype=dtype, revision=revision, device=device)
+    folder = loaded.source.directory or _hub_snapshot(name, revision)
+    return loaded.model, loaded.tokenizer, ModelInfo(path=name), folder
 
 
 def _hub_snapshot(repo_id: str, revision: str | None) -> Path | None:
