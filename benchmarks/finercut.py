@@ -58,6 +58,8 @@ from compresskit.paths import shared_data_dir, shared_models_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "finercut.json"
+#: where models are loaded, searched and evaluated (--device; cpu unless a record's settings say otherwise)
+DEVICE = "cpu"
 
 
 def model_path(name: str) -> str:
@@ -108,11 +110,11 @@ def protocol_data(protocol: str, tmp: Path) -> tuple[str, str | None]:
 
 def held_out_ppl(model, tok, name: str, seqlen: int, windows: int, text: str | None = None) -> float:
     if text is not None:
-        return windowed_perplexity(model, tok(text, return_tensors="pt").input_ids, seqlen, device="cpu",
+        return windowed_perplexity(model, tok(text, return_tensors="pt").input_ids, seqlen, device=DEVICE,
                                    max_windows=windows)["value"]
     if name == "smollm2-135m":
-        return perplexity(model, tok, "wikitext2", seqlen=seqlen, max_windows=windows, device="cpu")["value"]
-    return windowed_perplexity(model, fixture_validation_ids(tok), seqlen, device="cpu", max_windows=windows)["value"]
+        return perplexity(model, tok, "wikitext2", seqlen=seqlen, max_windows=windows, device=DEVICE)["value"]
+    return windowed_perplexity(model, fixture_validation_ids(tok), seqlen, device=DEVICE, max_windows=windows)["value"]
 
 
 def piqa(model, tok, limit: int) -> float | None:
@@ -121,13 +123,13 @@ def piqa(model, tok, limit: int) -> float | None:
     from compresskit.evaluate import evaluate
 
     result = evaluate(model, tokenizer=tok, tasks="piqa_local", task_files=[tasks_dir() / "piqa_local.yaml"],
-                      limit=limit, batch_size=8, device="cpu")
+                      limit=limit, batch_size=8, device=DEVICE)
     task = next(iter(result.tasks.values()))
     return task.metric_value("acc")
 
 
 def fresh(name: str):
-    model, tok = load_model(model_path(name), dtype="float32", device="cpu")
+    model, tok = load_model(model_path(name), dtype="float32", device=DEVICE)
     model.eval()
     return model, tok
 
@@ -152,7 +154,7 @@ def apply_blocks(model, order, min_params):
 
 def search(name, calib, nsamples, seqlen, **options):
     model, tok = fresh(name)
-    out = prune(model, "finercut", tokenizer=tok, calib=calib, nsamples=nsamples, seqlen=seqlen, device="cpu",
+    out = prune(model, "finercut", tokenizer=tok, calib=calib, nsamples=nsamples, seqlen=seqlen, device=DEVICE,
                 batch_size=nsamples, method_options=options)
     return dict(out.manifest.method_details, calib_hash=out.manifest.calibration["hash"])
 
@@ -197,7 +199,8 @@ def run_model(name: str, args, protocol: str = "cross") -> dict:
                     "settings": {"protocol": PROTOCOLS[protocol], "calib": calib.rpartition("/")[2],
                                  "calib_format": "prefix (FinerCut's default: the first nsamples x seqlen tokens)",
                                  "nsamples": args.nsamples, "seqlen": args.seqlen, "ppl_seqlen": args.ppl_seqlen,
-                                 "ppl_windows": args.ppl_windows, "piqa_limit": args.piqa_limit}}
+                                 "ppl_windows": args.ppl_windows, "piqa_limit": args.piqa_limit,
+                                 "device": DEVICE, "torch": torch.__version__}}
     dense, tok = fresh(name)
     params_total = sum(p.numel() for p in dense.parameters())
     record["settings"]["calib_hash"] = calibration_hash(calib, tok, args.nsamples, args.seqlen)
@@ -320,9 +323,13 @@ def main():
     ap.add_argument("--reuse-search", type=Path, default=None, metavar="FILE",
                     help="Take each model's sublayer and block orders from this earlier results file when its "
                          "calibration samples are identical to the protocol's (checked by hash; else an error).")
+    ap.add_argument("--device", default="cpu", help="Where models are searched and evaluated (cpu: every stored "
+                    "result unless its settings say otherwise; on cuda decode tok/s and step times are the GPU's).")
     ap.add_argument("--no-step-timing", dest="step_timing", action="store_false",
                     help="Skip the one-step searches with and without the prefix cache (2 extra steps' time).")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
     torch.manual_seed(0)
     records = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
