@@ -14,7 +14,9 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint.manifest import Manifest
+from .calibration import CalibrationSpec
+from .calibration.registry import parse_source
+from .checkpoint.manifest import MANIFEST_NAME, Manifest
 from .checkpoint.reader import load as read_checkpoint
 from .checkpoint.reader import load_with_tokenizer, open_model
 from .checkpoint.structure import form_reason, stage_structure
@@ -22,10 +24,12 @@ from .checkpoint.writer import check_output_dir, save_checkpoint
 from .engine import distributed
 from .engine.memory_plan import device_budget
 from .errors import InputError
+from .evaluation.perplexity import perplexity
 from .evaluation.sparsity import count_parameters, measure_sparsity
 from .methods import MethodResult, PruneJob, get_method
 from .methods.base import LOAD_MODES, check_prune_options  # noqa: F401  (LOAD_MODES: also api's name)
 from .methods.sparsify import calibration_record, prepare_job
+from .models.context import fit_seqlen
 from .models.loading import resolve_device
 from .models.placement import move_model
 from .outputs import option_inputs
@@ -191,9 +195,6 @@ def job_calibration(*, calib="c4", calib_format="window", nsamples=128, seqlen=N
     """The calibration spec of a job, checked before the model loads: a malformed or unknown
     ``--calib`` and a bad ``--batch-size`` fail here. ``seqlen`` None: ``default_seqlen``, lowered to
     the model's context later (``PruneJob.fit_calibration``)."""
-    from .calibration import CalibrationSpec
-    from .calibration.registry import parse_source
-
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
     spec_kwargs = dict(source=calib, format=calib_format, nsamples=nsamples,
@@ -264,18 +265,14 @@ def evaluate_perplexity(
     """The papers' windowed perplexity of a checkpoint directory, model name, or in-memory model.
     ``seqlen`` None: 2048, or the model's context when shorter (a note says so), as ``eval`` does;
     a given one above the context is an error."""
-    from .evaluation.perplexity import perplexity
-    from .models.context import fit_seqlen
-
     dev = resolve_device(device)
     if isinstance(path_or_model, (str, Path)):
         path = Path(path_or_model)
-        if path.is_dir() and (path / "compresskit.json").exists():
+        if path.is_dir() and (path / MANIFEST_NAME).exists():
             model, tok = load_with_tokenizer(path, device=str(dev))
         else:
-            from .models import load_model
-
-            model, tok = load_model(str(path_or_model), device=str(dev))
+            loaded = open_model(str(path_or_model), device=dev)
+            model, tok = loaded.model, loaded.tokenizer
     else:
         model, tok = path_or_model, tokenizer
         move_model(model, dev)
