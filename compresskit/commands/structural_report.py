@@ -19,10 +19,13 @@ def structural_report(manifest) -> list | None:
     details = manifest.method_details
     if report is None or not isinstance(details, dict) or not details:
         return None
+    lines = report(details)
+    if lines is None:  # e.g. EvoPress's sparsity search: the per-block sparsity table says it
+        return None
     p = manifest.parameters
     footer = (f"parameters {p.get('total_before', 0):,} → {p.get('total_after', 0):,} · "
               + " · ".join(f"{k} {v:.1f}s" for k, v in manifest.timings.items()))
-    return [*report(details), footer]
+    return [*lines, footer]
 
 
 def _finercut(d: dict) -> list:
@@ -45,6 +48,33 @@ def _finercut(d: dict) -> list:
         new = row.get("new_index")
         table.add_row(str(row["block"]), cell(row, "attention"), cell(row, "mlp"),
                       "deleted" if new is None else str(new))
+    return [line, table]
+
+
+def _evopress(d: dict) -> list | None:
+    """EvoPress's depth search (``search/depth.py``): what went, the search's fitness and its seeds."""
+    if d.get("search") != "depth":
+        return None
+    from ..depth.report import PARAM_BASIS, param_fraction
+
+    seeds = ", ".join(f"{k} {v:.4g}" for k, v in sorted((d.get("seed_fitness") or {}).items(), key=lambda kv: kv[1]))
+    line = (f"removed {len(d['removed'])} {d['level']} units ({d['attention_removed']} attention, {d['mlp_removed']} "
+            f"MLP; {d['blocks_deleted']} blocks deleted), parameter fraction {param_fraction(d):.3f} of {PARAM_BASIS}; "
+            f"search: {d.get('generations_done')} generations of schedule {d['schedule']['name']}, KL "
+            f"{d.get('final_fitness', float('nan')):.4g} from seed {d.get('seed_winner')} (seeds: {seeds}), "
+            f"{d.get('tokens_seen', 0):,} tokens scored")
+    table = Table(title="removed sublayers (block: index in the input)")
+    for col in ("block", "attention", "MLP", "new index"):
+        table.add_column(col, justify="right")
+
+    def cell(row: dict, kind: str) -> str:
+        if row.get(kind) is not None:
+            return "removed"
+        return "removed earlier" if kind in (row.get("removed_before") or []) else "kept"
+
+    for row in d.get("per_layer", []):
+        new = row.get("new_index")
+        table.add_row(str(row["block"]), cell(row, "attention"), cell(row, "mlp"), "deleted" if new is None else str(new))
     return [line, table]
 
 
@@ -83,4 +113,5 @@ def _ids(ids) -> str:
     return " ".join(str(i) for i in ids)
 
 
-_REPORTS: dict[str, Callable[[dict], list]] = {"finercut": _finercut, "cdmoe": _cdmoe, "reap": _reap}
+_REPORTS: dict[str, Callable[[dict], list | None]] = {"finercut": _finercut, "cdmoe": _cdmoe, "reap": _reap,
+                                                      "evopress": _evopress}

@@ -13,12 +13,13 @@ are alike, the comparison the paper makes (FinerCut's ``int(2L·R)`` sublayers o
 more and of any mix). ``--remove-params P``: the ``k`` whose removed parameters (k of each type, or
 k blocks, counted as the mean per unit) are nearest ``P`` of the decoder blocks' parameters.
 
-Fitness: KL(p_dense ‖ p_candidate) per token (``analysis.distances.token_kl``, full logits or the
-reference's top-K form), averaged over the first ``tokens`` calibration tokens (whole calibration
-batches; ``search.evolution``'s fitness contract: deterministic for a token count). A candidate is
-evaluated by swapping the removal stubs of ``depth/removal.sublayer_swaps`` in and replaying the
-cached block inputs (``engine.replay.BlockReplay``) from the first block it changes; the model is
-never re-loaded and never changed until the winner is installed with the code FinerCut uses
+Fitness: the sparsity search's (``search/fitness.KLFitness``: mean per-token KL(p_dense ‖ p_candidate)
+through ``analysis.distances.token_kl``, full or the reference's top-K form, on each stage's fixed
+calibration tokens, candidates spread over torchrun ranks). A candidate is evaluated by swapping
+the removal stubs of ``depth/removal.sublayer_swaps`` into each block as it runs
+(:func:`depth_installer`), replaying cached block inputs from the first block where it differs
+from the current parent; the model is never re-loaded and never changed until the winner is
+installed with the code FinerCut uses
 (``depth/removal.remove_sublayer``, ``depth/finish.finish_removal``: identity blocks deleted and
 renumbered, a stock checkpoint when only whole blocks go, else the ``removed_sublayers`` structure).
 
@@ -32,7 +33,6 @@ the budget (the reference draws 64 and keeps the best on 2,048 tokens).
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -65,7 +65,10 @@ class Unit:
 def depth_units(adapter, level: str, keep: str | None = None) -> tuple[list[Unit], list[int], list[int]]:
     """(units, groups, high): the genes in a fixed order (all attentions by block, then all MLPs; or
     the blocks), their groups (0 attention / 1 MLP; 0 for blocks) and each gene's highest level
-    (0 for a unit protected by ``keep`` or already removed by an earlier stage, else 1)."""
+    (0 for a unit whose module name matches the ``keep`` regex, else 1). Sublayers an earlier stage
+    removed are no genes."""
+    import re
+
     from ..depth.candidates import build_candidates
 
     if level not in LEVELS:
@@ -73,14 +76,20 @@ def depth_units(adapter, level: str, keep: str | None = None) -> tuple[list[Unit
     kinds = ("attn", "mlp") if level == "sublayer" else ("block",)
     units: list[Unit] = []
     groups: list[int] = []
-    high: list[int] = []
     for g, kind in enumerate(kinds):
-        present = {c.block: c for c in build_candidates(adapter, kind)}
-        allowed = {c.block for c in build_candidates(adapter, kind, keep)} if keep else set(present)
-        for c in sorted(present.values(), key=lambda c: c.block):
+        for c in sorted(build_candidates(adapter, kind), key=lambda c: c.block):
             units.append(Unit(c.block, kind, c.name, c.params))
             groups.append(g)
-            high.append(1 if c.block in allowed else 0)
+    high = [1] * len(units)
+    if keep:
+        try:
+            pattern = re.compile(keep)
+        except re.error as exc:
+            raise InputError(f"invalid --keep regex {keep!r}: {exc}") from None
+        high = [0 if pattern.search(u.name) else 1 for u in units]
+        if all(high):  # a typo would protect nothing, silently
+            raise InputError(f"--keep {keep!r} matches no unit at --level {level}; their names look like "
+                             f"{units[0].name} ... {units[-1].name}")
     return units, groups, high
 
 
@@ -113,101 +122,31 @@ def budget(num_blocks: int, units: list[Unit], groups: list[int], high: list[int
 # ---------------------------------------------------------------------------------------------- fitness
 
 
-class DepthFitness:
-    """``fitness(candidates, tokens)``: mean per-token KL(dense ‖ candidate) on the first ``tokens``
-    calibration tokens (whole batches), replaying from each candidate's first changed block.
+def depth_installer(adapter, units: list[Unit], device):
+    """``installed(i, genes)`` for ``search.fitness.KLFitness``: block ``i`` on ``device`` with the
+    removal stubs of the genes set in it swapped in (``genes`` None: the dense block); the original
+    modules are back on exit. Only module objects move: no weight is read for a removed sublayer."""
+    from contextlib import contextmanager
 
-    The dense model's logits (or their top ``top_k`` values and ids) are computed once for the
-    batches the schedule's largest stage needs; the candidate's logits exist one batch at a time.
-    """
+    from ..depth.removal import sublayer_swaps
+    from ..engine.replay import swapped
+    from ..models.placement import onload
 
-    def __init__(self, replay, units: list[Unit], max_tokens: int, top_k: int | None = None):
-        import torch
+    by_block: dict[int, list[int]] = {}
+    for j, u in enumerate(units):
+        by_block.setdefault(u.block, []).append(j)
 
-        from ..analysis.distances import top_k_logits
-
-        self.replay, self.units = replay, units
-        self.adapter = replay.adapter
-        self.top_k = top_k
-        self.batch_tokens = []
-        for b in range(replay.num_batches):
-            mask = replay.token_mask(b)
-            h = replay.block_inputs[0][b]
-            self.batch_tokens.append(int(mask.sum()) if mask is not None else int(h.shape[0] * h.shape[1]))
-        self.available = sum(self.batch_tokens)
-        needed = self.batches_for(max_tokens)
-        n = self.adapter.num_blocks
-        self.reference = []
-        for b in range(needed):
-            logits = replay.head([replay.block_inputs[n][b]])[0]
-            self.reference.append(top_k_logits(logits, top_k) if top_k else logits)
-            del logits
-        self.calls = 0
-        self.block_runs = 0
-        self._torch = torch
-
-    def batches_for(self, tokens: int) -> int:
-        total = 0
-        for b, t in enumerate(self.batch_tokens):
-            total += t
-            if total >= tokens:
-                return b + 1
-        return len(self.batch_tokens)
-
-    def tokens_for(self, tokens: int) -> int:
-        """The tokens actually scored for a stage of ``tokens`` (whole batches, at most all)."""
-        return sum(self.batch_tokens[: self.batches_for(tokens)])
-
-    def swaps(self, genes: Sequence[int]) -> tuple[int, dict]:
-        """(first changed block, module path -> stub) for a gene vector; (num_blocks, {}) for none."""
-        from ..depth.removal import sublayer_swaps
-
-        start = self.adapter.num_blocks
+    @contextmanager
+    def installed(i: int, genes):
         swaps: dict = {}
-        for unit, g in zip(self.units, genes):
-            if g:
-                swaps.update(sublayer_swaps(self.adapter, unit.block, unit.kind))
-                start = min(start, unit.block)
-        return start, swaps
+        if genes is not None:
+            for j in by_block.get(i, []):
+                if genes[j]:
+                    swaps.update(sublayer_swaps(adapter, i, units[j].kind))
+        with swapped(adapter.model, swaps), onload(adapter.block(i), device) as block:
+            yield block
 
-    def _final_hidden(self, start: int, swaps: dict, batches: int) -> list:
-        from ..engine.replay import swapped
-        from ..models.placement import onload
-
-        replay = self.replay
-        hidden = [replay.block_inputs[start][b] for b in range(batches)]
-        n = self.adapter.num_blocks
-        with swapped(self.adapter.model, swaps):
-            for i in range(start, n):
-                out = []
-                with onload(self.adapter.block(i), replay.device) as block:
-                    for b, h in enumerate(hidden):
-                        call = replay.call(b, i)
-                        y = block(h.to(replay.device), *call.args, **call.kwargs)
-                        y = y[0] if isinstance(y, (tuple, list)) else y
-                        out.append(y.to(replay.store_device))
-                hidden = out
-        self.block_runs += (n - start) * batches
-        return hidden
-
-    def score(self, genes: Sequence[int], tokens: int) -> float:
-        from ..analysis.distances import token_kl
-
-        batches = self.batches_for(tokens)
-        start, swaps = self.swaps(genes)
-        hidden = self._final_hidden(start, swaps, batches)
-        total, count = 0.0, 0
-        with self._torch.no_grad():
-            for b, h in enumerate(hidden):
-                logits = self.replay.head([h])[0]
-                kl = token_kl(self.reference[b], logits, self.replay.token_mask(b))
-                total += float(kl.sum())
-                count += int(kl.numel())
-        self.calls += 1
-        return total / max(count, 1)
-
-    def __call__(self, candidates: Sequence[Sequence[int]], tokens: int) -> list[float]:
-        return [self.score(c, tokens) for c in candidates]
+    return installed
 
 
 # ---------------------------------------------------------------------------------------------- seeds
@@ -351,6 +290,7 @@ def run_depth_search(job, config):
     from ..engine.replay import BlockReplay
     from ..methods.base import MethodResult
     from .evolution import EvolutionState, evolve
+    from .fitness import KLFitness
 
     t0 = time.perf_counter()
     adapter = job.adapter
@@ -376,72 +316,84 @@ def run_depth_search(job, config):
             job.progress(phase, done, total, label)
 
     low = [0] * len(units)
-    state_path = _opt(config, "_state_path")
+    resume = _opt(config, "_resume_state")
+    state = (EvolutionState.from_dict(resume) if isinstance(resume, dict) else resume) if resume is not None else None
+    saver = _opt(config, "_on_generation")
+    parents: list[dict] = []
+    seeds: dict[str, list[int]] = {}
+    seed_records: dict[str, dict] = {}
+
+    def on_generation(s):
+        if s.history and s.history[-1]["improved"]:
+            parents.append({"generation": s.generation, "fitness": s.parent_fitness, "genes": list(s.parent)})
+        report("evopress", s.generation, schedule.generations,
+               f"generation {s.generation}: KL {s.parent_fitness:.4g} (line of {s.parent_origin})")
+        if saver is not None:
+            saver(s, schedule.generations)
+
     with float32_scoring(adapter, enabled=_opt(config, "score_dtype", "float32") == "float32"):
-        replay = BlockReplay(adapter, data.input_ids, data.attention_mask, device=job.device,
-                             batch_size=job.batch_size).capture()
-        fitness = DepthFitness(replay, units, schedule.max_tokens, top_k)
-        if fitness.available < schedule.max_tokens:
-            import warnings
-
-            warnings.warn(f"evopress: the calibration set has {fitness.available} tokens, the schedule's last stage "
-                          f"asks for {schedule.max_tokens}; stages are scored on at most {fitness.available}")
-        seeds: dict[str, list[int]] = {}
-        seed_records: dict[str, dict] = {}
-        for name in seeds_named:
-            if level == "block" and any(n in seeds for n in DEPTH_SEEDS):  # one search at the block level
-                other = next(n for n in DEPTH_SEEDS if n in seeds)
-                seeds[name], seed_records[name] = list(seeds[other]), {**seed_records[other], "same_as": other}
-                continue
-            genes, rec = greedy_seed(replay, adapter, units, groups, high, k, level, name,
-                                     progress=lambda d, t, lab, n=name: report(f"seed {n}", d, t, lab))
-            seeds[name], seed_records[name] = genes, rec
-        if not seeds:
+        if state is None and seeds_named:
+            # the greedy heuristics score on the calibration samples of the last stage (the search's own)
+            ids, mask = seed_tokens(data, schedule.max_tokens)
+            replay = BlockReplay(adapter, ids, mask, device=job.device, batch_size=job.batch_size).capture()
+            for name in seeds_named:
+                if level == "block" and any(n in seeds for n in DEPTH_SEEDS):  # one search at the block level
+                    other = next(n for n in DEPTH_SEEDS if n in seeds)
+                    seeds[name], seed_records[name] = list(seeds[other]), {**seed_records[other], "same_as": other}
+                    continue
+                genes, rec = greedy_seed(replay, adapter, units, groups, high, k, level, name,
+                                         progress=lambda d, t, lab, n=name: report(f"seed {n}", d, t, lab))
+                seeds[name], seed_records[name] = genes, rec
+            replay.release()
+            del replay
+        if state is None and not seeds:
             seeds = random_seeds(units, groups, high, k, seed)
-        state = None
-        resume = _opt(config, "_resume_state")
-        if resume is not None:
-            state = EvolutionState.from_dict(resume) if isinstance(resume, dict) else resume
-
-        parents: list[dict] = []
-
-        def on_generation(s):
-            if s.history and s.history[-1]["improved"]:
-                parents.append({"generation": s.generation, "fitness": s.parent_fitness, "genes": list(s.parent)})
-            report("evopress", s.generation, schedule.generations,
-                   f"generation {s.generation}: KL {s.parent_fitness:.4g} ({s.parent_origin})")
-            saver = _opt(config, "_on_generation")
+        fitness = KLFitness(adapter, depth_installer(adapter, units, job.device), [u.block for u in units],
+                            data.input_ids, data.attention_mask, [st.tokens for st in schedule.stages],
+                            device=job.device, batch_size=job.batch_size, top_k=top_k,
+                            progress=lambda label, d, t, lab: report(label, d, t, lab))
+        if state is None:  # the seeds scored, the first parent chosen, saved before generation 1
+            state = evolve(seeds, fitness, schedule.with_overrides(generations=0), groups, low, high, seed)
             if saver is not None:
-                saver(s)
-
-        groups_present = [g for g in groups]
-        final = evolve(seeds, fitness, schedule, groups_present, low, high, seed, state=state,
+                saver(state, schedule.generations)
+        resumed_from = state.generation if resume is not None else None
+        parents.append({"generation": state.generation, "fitness": state.parent_fitness, "origin": state.parent_origin,
+                        "genes": list(state.parent)})
+        fitness.set_parent(state.parent)
+        final = evolve(seeds or {"resumed": state.parent}, fitness, schedule, groups, low, high, seed, state=state,
                        on_generation=on_generation)
-        replay.release()
     search_s = time.perf_counter() - t0
-    # install the winner with FinerCut's code
+    # the winner, installed with FinerCut's code
     chosen = [u for u, g in zip(units, final.parent) if g]
     for u in chosen:
         remove_sublayer(adapter, u.block, u.kind)
     done = finish_removal(job.model, adapter, level, {u.block for u in chosen})
-    removed_params = sum(u.params for u in chosen)
     details = depth_details(
         level=level, units=units, genes=final.parent, k=k, num_blocks=num_blocks, block_params=block_params,
-        model_params=model_params, removed_params=removed_params, done=done, state=final, schedule=schedule,
-        seed_records=seed_records, fitness=fitness, removed_before=removed_before, remove=remove,
-        remove_params=remove_params, top_k=top_k, seed=seed, calibration=data, parents=parents,
-        seed_genes=seeds,
+        model_params=model_params, removed_params=sum(u.params for u in chosen), done=done, state=final,
+        schedule=schedule, seed_records=seed_records, fitness=fitness, removed_before=removed_before, remove=remove,
+        remove_params=remove_params, seed=seed, calibration=data, parents=parents, seed_genes=seeds,
+        resumed_from=resumed_from,
     )
     return MethodResult(
         method="evopress", config=config.model_dump(), details=details, structure=done.structure,
         form_reason=done.form_reason,
-        timings={"search_s": round(search_s, 3), "evopress_s": round(time.perf_counter() - t0, 3)},
+        timings={"search_s": round(search_s, 3), "fitness_s": round(fitness.seconds, 3),
+                 "evopress_s": round(time.perf_counter() - t0, 3)},
     )
 
 
+def seed_tokens(data, tokens: int):
+    """The calibration samples (whole) holding the first ``tokens`` tokens: what the greedy seeds score on."""
+    nsamples, seqlen = data.input_ids.shape
+    n = min(nsamples, max(1, -(-int(tokens) // seqlen)))
+    mask = None if data.attention_mask is None else data.attention_mask[:n]
+    return data.input_ids[:n], mask
+
+
 def depth_details(*, level, units, genes, k, num_blocks, block_params, model_params, removed_params, done, state,
-                  schedule, seed_records, fitness, removed_before, remove, remove_params, top_k, seed,
-                  calibration, parents, seed_genes) -> dict:
+                  schedule, seed_records, fitness, removed_before, remove, remove_params, seed,
+                  calibration, parents, seed_genes, resumed_from) -> dict:
     """The manifest's record: the genes, what went, the schedule, the fitness history, the seeds.
 
     ``per_layer`` has FinerCut's row form (one row per original block, ``attention`` / ``mlp`` set
@@ -485,23 +437,23 @@ def depth_details(*, level, units, genes, k, num_blocks, block_params, model_par
         "per_layer_config": done.per_layer_config,
         "schedule": {"name": schedule.name, "generations": schedule.generations, "offspring": schedule.offspring,
                      "stages": [{"tokens": s.tokens, "survivors": s.survivors,
-                                 "tokens_scored": fitness.tokens_for(s.tokens)} for s in schedule.stages]},
-        "fitness": "KL(dense ‖ candidate) per token, mean" + (f" (top-{top_k} form)" if top_k else ""),
-        "top_k": top_k,
+                                 "tokens_scored": fitness.tokens_of(s.tokens)} for s in schedule.stages]},
+        "fitness": "mean per-token KL(dense ‖ candidate), last position of each sequence excluded (search/fitness.py)",
+        "kl": "full" if not fitness.top_k else f"top-{fitness.top_k}",
         "seed": seed,
         "final_fitness": state.parent_fitness,
         "seed_fitness": state.seed_fitness,
         "seed_winner": state.parent_origin,
         "seeds": seed_records,
         "history": state.history,
-        # every improvement of the parent (generation, fitness, genes): how held-out quality tracks fitness
-        "parents": [{"generation": 0, "fitness": state.seed_fitness.get(state.parent_origin), "origin": state.parent_origin,
-                     "genes": seed_genes.get(state.parent_origin)}] + parents,
+        # the first parent and every improvement (generation, fitness, genes): how held-out quality tracks
+        # fitness (from the resumed generation on after --resume)
+        "parents": parents,
         "seed_genes": seed_genes,
+        "resumed_from_generation": resumed_from,
         "generations_done": state.generation,
         "tokens_seen": state.tokens_seen,
-        "calibration_tokens": fitness.available,
-        "block_batch_runs": fitness.block_runs,
+        "block_runs": fitness.block_runs,
         "calibration_note": (f"{calibration.spec.nsamples} × {calibration.spec.seqlen} tokens from "
                              f"{calibration.spec.source!r} ({calibration.spec.format})") if calibration is not None else None,
     }

@@ -1,0 +1,462 @@
+"""EvoPress on the real SmolLM2-135M (CPU): measured search against the heuristics we ship (issue 18).
+
+Suites (each writes ``benchmarks/results/evopress_<suite>.json`` row by row, so an interrupted run
+keeps what it measured and a rerun skips the rows already there):
+
+* ``depth`` — 25 % depth at equal parameters: k = int(0.25·L) = 7 of SmolLM2's 30 blocks, so
+  block removal takes 7 blocks and the sublayer search 7 attention + 7 MLP sublayers (the same
+  parameters: SmolLM2's blocks are alike); FinerCut takes its greedy sublayers up to the count
+  whose parameters are nearest those 7 blocks' (18 sublayers, 13 attention + 5 MLP), block
+  greedy its first 7 blocks. Rows: dense, FinerCut, block greedy, EvoPress ``--level sublayer``,
+  EvoPress ``--level block``; then held-out ppl of the sublayer search's successive parents
+  against their fitness (how ppl tracks the KL) and a fitness-per-generation plot.
+* ``shape7b`` — on CUDA: the dead-sublayer check, then the depth search's paper schedule for
+  ``--generations`` generations at Llama-2-7B's shape with random bf16 weights (time per
+  generation, projected paper-schedule time, peak GPU memory; not quality).
+* ``sparsity`` — 70 % (``--sparsities``) unstructured with Wanda (``--pruners``): uniform, OWL,
+  AlphaPruning (ε = 0.2, as sparsity_smollm2.py), EvoPress ``fast`` from uniform, EvoPress seeded
+  from all three; search time, database size.
+
+Protocol. Calibration: State of the Union addresses (``corpora/sotu.jsonl``); held-out: WikiText-2
+test (the perplexity module's protocol: non-overlapping windows of ``--eval-seqlen``, the first
+``--eval-windows``) and local PIQA (first ``--piqa-limit`` items) — disjoint corpora. Depth uses
+FinerCut's ``prefix`` calibration (the first nsamples × seqlen tokens), so its first 4 × 128
+tokens are exactly the ones benchmarks/finercut.py's FinerCut and block-greedy searches used:
+those orders are reused from ``benchmarks/results/finercut_smollm2.json`` (``--finercut-json``;
+each search costs 20-55 min on this shared CPU) instead of being searched again, and the block
+order is also the EvoPress searches' ``block-greedy`` seed (the same greedy on the first 512 of
+the search's tokens). Sparsity uses sparsity_smollm2.py's calibration (32 × 512 random windows, seed
+0). Peak RSS is the process's maximum resident set after each search (``ru_maxrss``): the
+searches run before any evaluation, each on a freshly (lazily) loaded model.
+
+The schedules are cut to fit a 2-core CPU shared with other jobs (``--generations``,
+``--offspring``, ``--tokens``; printed with the table and stored in every row): far fewer
+generations than the reference's k(n−k)/1.5 = 107 for depth.
+
+    nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/evopress.py --suite depth
+    python benchmarks/evopress.py --suite depth --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+import compresskit
+from compresskit.depth.blocks import delete_blocks
+from compresskit.depth.removal import remove_sublayer
+from compresskit.evaluation.perplexity import perplexity_tokens, windowed_perplexity
+from compresskit.evaluation.task_sets import tasks_dir
+from compresskit.models import get_adapter, load_model
+from compresskit.paths import shared_data_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+MODEL = "smollm2-135m"
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def fresh(dtype: str = "float32"):
+    model, tok = load_model(MODEL, dtype=dtype, device="cpu")
+    return model.eval(), tok
+
+
+def piqa(model, tok, limit: int) -> float | None:
+    if limit <= 0:
+        return None
+    from compresskit.evaluate import evaluate
+
+    result = evaluate(model, tokenizer=tok, tasks="piqa_local", task_files=[tasks_dir() / "piqa_local.yaml"],
+                      limit=limit, batch_size=8, device="cpu")
+    return next(iter(result.tasks.values())).metric_value("acc")
+
+
+class Rows:
+    """The suite's JSON file, rewritten after every row."""
+
+    def __init__(self, path: Path, settings: dict):
+        self.path = path
+        data = json.loads(path.read_text()) if path.exists() else {}
+        if data and data.get("settings") != settings:
+            old = {k: v for k, v in data.get("settings", {}).items() if settings.get(k) != v}
+            raise SystemExit(f"error: {path} was measured with other settings ({old}); pass --out NEW.json or delete it")
+        self.data = data or {"settings": settings, "rows": []}
+
+    def get(self, label: str) -> dict | None:
+        return next((r for r in self.data["rows"] if r["label"] == label), None)
+
+    def put(self, row: dict) -> dict:
+        self.data["rows"] = [r for r in self.data["rows"] if r["label"] != row["label"]] + [row]
+        self.data.update(torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count())
+        self.path.write_text(json.dumps(self.data, indent=1))
+        return row
+
+
+def evaluate_row(row: dict, model, tok, ids, args) -> dict:
+    t0 = time.perf_counter()
+    ppl = windowed_perplexity(model.float(), ids, args.eval_seqlen, max_windows=args.eval_windows, device="cpu")
+    row.update(ppl=ppl["value"], eval_windows=ppl["n_windows"], eval_tokens=ppl["tokens"],
+               piqa=piqa(model, tok, args.piqa_limit), params=sum(p.numel() for p in model.parameters()),
+               eval_s=round(time.perf_counter() - t0, 1))
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- depth
+def reused_orders(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    rec = next(r for r in data if r["model"] == MODEL and r.get("protocol", "cross") == "cross")
+    return {"sublayers": [tuple(x) for x in rec["sublayer_search"]["order"]], "blocks": rec["block_search"]["order"],
+            "settings": rec["settings"]}
+
+
+def install_block_greedy_seed(block_order: list[int], k: int):
+    """The EvoPress searches' ``block-greedy`` seed is the reused order's first k blocks (module doc)."""
+    import compresskit.search.depth as depth
+
+    def seed(replay, adapter, units, groups, high, k_, level, name, progress=None):
+        blocks = set(block_order[:k_])
+        removed = {("block", b) for b in blocks} | {("attn", b) for b in blocks} | {("mlp", b) for b in blocks}
+        genes = [1 if (u.kind, u.block) in removed else 0 for u in units]
+        return genes, {"order": [f"block{b}" for b in block_order[:k_]],
+                       "source": "benchmarks/results/finercut_smollm2.json block_search (4 x 128 prefix of sotu)"}
+
+    depth.greedy_seed = seed
+
+
+def run_depth(args) -> dict:
+    sotu = shared_data_dir() / "corpora" / "sotu.jsonl"
+    settings = {"suite": "depth", "model": MODEL, "calib": "sotu.jsonl", "calib_format": "prefix",
+                "nsamples": args.nsamples, "seqlen": args.seqlen, "remove": 0.25, "generations": args.generations,
+                "offspring": args.offspring, "tokens": args.tokens, "survivors": args.survivors,
+                "search_seed": args.search_seed, "eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows,
+                "piqa_limit": args.piqa_limit, "finercut_json": str(args.finercut_json.name)}
+    rows = Rows(args.out or RESULTS / "evopress_depth.json", settings)
+    orders = reused_orders(args.finercut_json)
+    num_blocks = 30
+    k = int(num_blocks * 0.25)
+    install_block_greedy_seed(orders["blocks"], k)
+    options = {"remove": 0.25, "generations": args.generations, "offspring": args.offspring, "tokens": args.tokens,
+               "survivors": args.survivors, "seed": args.search_seed, "seed_from": "block-greedy"}
+    searches = {}
+    for level in ("sublayer", "block"):
+        label = f"evopress {level}"
+        if rows.get(label) is None:
+            t0 = time.perf_counter()
+            out = compresskit.prune(MODEL, "evopress", calib=f"file:{sotu}", calib_format="prefix",
+                                    nsamples=args.nsamples, seqlen=args.seqlen, device="cpu", dtype="float32",
+                                    method_options={**options, "level": level})
+            d = out.manifest.method_details
+            rows.put({"label": label, "level": level, "search_s": round(time.perf_counter() - t0, 1),
+                      "peak_rss_mb": round(rss_mb(), 1), "details": d,
+                      "removed": [f"{r['type']}{r['block']}" for r in d["removed"]],
+                      "final_fitness": d["final_fitness"], "seed_fitness": d["seed_fitness"],
+                      "seed_winner": d["seed_winner"], "tokens_seen": d["tokens_seen"]})
+            print(label, "search", round(time.perf_counter() - t0, 1), "s; removed", rows.get(label)["removed"],
+                  "KL", d["final_fitness"], "seeds", d["seed_fitness"], flush=True)
+            del out
+        searches[level] = rows.get(label)
+
+    model, tok = fresh()
+    ids, info = perplexity_tokens(tok, "wikitext2", args.eval_seqlen)
+    rows.data["wikitext2"] = info
+
+    def build(kind: str, payload):
+        m, _ = fresh()
+        adapter = get_adapter(m)
+        if kind == "sublayers":
+            for t, b in payload:
+                remove_sublayer(adapter, b, t)
+        elif kind == "blocks":
+            delete_blocks(adapter, set(payload))
+        elif kind == "genes":
+            units, genes = payload
+            drop = set()
+            for unit, g in zip(units, genes):
+                if g:
+                    kind_, block = re.fullmatch(r"([a-z]+)(\d+)", unit).groups()
+                    block = int(block)
+                    if kind_ == "block":
+                        drop.add(block)
+                    else:
+                        remove_sublayer(adapter, block, kind_)
+            if drop:
+                delete_blocks(adapter, drop)
+        return m
+
+    block_params = 3 * 576 * 1536 + 2 * 576 * 576 + 2 * 576 * 192 + 2 * 576  # one SmolLM2 block
+    target = k * block_params
+    fc = orders["sublayers"]
+    sizes = [2 * 576 * 576 + 2 * 576 * 192 + 576 if t == "attn" else 3 * 576 * 1536 + 576 for t, _ in fc]
+    count = min(range(len(fc) + 1), key=lambda n: abs(sum(sizes[:n]) - target))
+    plan = [("dense", None, None),
+            ("finercut", "sublayers", fc[:count]),
+            ("block greedy", "blocks", orders["blocks"][:k])]
+    for level in ("sublayer", "block"):
+        d = searches[level]["details"]
+        plan.append((f"evopress {level}", "genes", (d["units"], d["genes"])))
+    for label, kind, payload in plan:
+        row = rows.get(label) or {"label": label}
+        if "ppl" in row:
+            continue
+        m = model if kind is None else build(kind, payload)
+        if kind == "sublayers":
+            row.update(removed=[f"{t}{b}" for t, b in payload], source="finercut_smollm2.json sublayer order")
+        elif kind == "blocks":
+            row.update(removed=[f"block{b}" for b in payload], source="finercut_smollm2.json block order")
+        rows.put(evaluate_row(row, m, tok, ids, args))
+        print(label, "ppl", round(row["ppl"], 2), "piqa", row.get("piqa"), "params", row["params"], flush=True)
+        if m is not model:
+            del m
+
+    # held-out ppl of the sublayer search's successive parents against their fitness
+    d = searches["sublayer"]["details"]
+    parents = d.get("parents") or []
+    pick = parents if len(parents) <= args.track else [parents[round(i * (len(parents) - 1) / (args.track - 1))]
+                                                       for i in range(args.track)]
+    track = rows.data.setdefault("tracking", [])
+    done = {t["generation"] for t in track}
+    for p in pick:
+        if p["generation"] in done:
+            continue
+        m = build("genes", (d["units"], p["genes"]))
+        ppl = windowed_perplexity(m.float(), ids, args.eval_seqlen, max_windows=args.eval_windows, device="cpu")
+        track.append({"generation": p["generation"], "fitness": p["fitness"], "ppl": ppl["value"],
+                      "origin": p.get("origin")})
+        rows.put(rows.get("evopress sublayer"))
+        print("parent at generation", p["generation"], "KL", p["fitness"], "ppl", ppl["value"], flush=True)
+        del m
+    plot_history(rows.data, (args.out or RESULTS / "evopress_depth.json").with_suffix(".png"))
+    return rows.data
+
+
+def plot_history(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for r in data["rows"]:
+        hist = (r.get("details") or {}).get("history") or (r.get("details") or {}).get("fitness_history")
+        if hist:
+            ax.plot([h["generation"] for h in hist], [h["best_fitness"] for h in hist], marker="o", ms=2, label=r["label"])
+    ax.set_xlabel("generation")
+    ax.set_ylabel("KL to the dense model (last stage)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.set_title("fitness per generation", fontsize=9)
+    track = sorted(data.get("tracking", []), key=lambda t: t["generation"])
+    if track:
+        ax2.plot([t["fitness"] for t in track], [t["ppl"] for t in track], marker="o")
+        for t in track:
+            ax2.annotate(str(t["generation"]), (t["fitness"], t["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax2.set_xlabel("search fitness (KL, calibration)")
+        ax2.set_ylabel("held-out WikiText-2 ppl")
+        ax2.set_title("held-out ppl of successive parents (label: generation)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print("plot:", path)
+
+
+# ---------------------------------------------------------------------------------------------- sparsity
+def sparsity_configs(sparsities: list[float], pruners: list[str], options: dict) -> list[dict]:
+    rows = []
+    for s in sparsities:
+        for pruner in pruners:
+            rows += [
+                {"label": f"uniform {pruner} {s:.0%}", "method": "uniform", "pruner": pruner, "sparsity": s},
+                {"label": f"owl {pruner} {s:.0%}", "method": "owl", "pruner": pruner, "sparsity": s},
+                {"label": f"alphapruning {pruner} {s:.0%}", "method": "alphapruning", "pruner": pruner, "sparsity": s,
+                 "options": {"alpha_epsilon": 0.2}},
+                {"label": f"evopress {pruner} {s:.0%}", "method": "evopress", "pruner": pruner, "sparsity": s,
+                 "options": {**options, "seed_from": "uniform"}},
+                {"label": f"evopress seeded {pruner} {s:.0%}", "method": "evopress", "pruner": pruner, "sparsity": s,
+                 "options": {**options, "seed_from": "uniform,owl,alphapruning"}},
+            ]
+    return rows
+
+
+def run_sparsity(args) -> dict:
+    sotu = shared_data_dir() / "corpora" / "sotu.jsonl"
+    options = {k: v for k, v in {"schedule": args.schedule, "generations": args.generations, "offspring": args.offspring,
+                                 "tokens": args.tokens, "survivors": args.survivors, "seed": args.search_seed}.items()
+               if v is not None}
+    settings = {"suite": "sparsity", "model": MODEL, "calib": "sotu.jsonl", "calib_format": "window",
+                "nsamples": args.sp_nsamples, "seqlen": args.sp_seqlen, "evopress": options,
+                "eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows, "piqa_limit": args.piqa_limit,
+                "dtype": args.sp_dtype}
+    rows = Rows(args.out or RESULTS / "evopress_sparsity.json", settings)
+    plan = sparsity_configs([float(s) for s in args.sparsities.split(",")], args.pruners.split(","), options)
+    _, tok = fresh(args.sp_dtype)
+    ids, info = perplexity_tokens(tok, "wikitext2", args.eval_seqlen)
+    rows.data["wikitext2"] = info
+    for cfg in plan:
+        if args.only and not any(s in cfg["label"] for s in args.only.split(",")):
+            continue
+        row = rows.get(cfg["label"])
+        if row is not None and "ppl" in row:
+            continue
+        t0 = time.perf_counter()
+        out = compresskit.prune(MODEL, cfg["method"], pruner=cfg["pruner"], sparsity=cfg["sparsity"],
+                                calib=f"file:{sotu}", nsamples=args.sp_nsamples, seqlen=args.sp_seqlen, seed=0,
+                                device="cpu", dtype=args.sp_dtype, method_options=cfg.get("options"))
+        m = out.manifest
+        row = dict(cfg, prune_s=round(time.perf_counter() - t0, 1), peak_rss_mb=round(rss_mb(), 1),
+                   measured_sparsity=m.sparsity.get("overall"), block_ratios=m.block_ratios)
+        if cfg["method"] == "evopress":
+            d = m.method_details
+            db = d.get("database") or {}
+            row.update(final_fitness=d.get("final_fitness"), seed_fitness=d.get("seed_fitness"),
+                       seed_winner=d.get("seed_winner"), database_bytes=db.get("bytes"), database_reused=db.get("reused"),
+                       database_s=m.timings.get("database_s"), search_s=m.timings.get("search_s"),
+                       tokens_seen=d.get("tokens_seen"), details=d)
+        rows.put(evaluate_row(row, out.model, tok, ids, args))
+        print(f"{cfg['label']:35s} ppl {row['ppl']:10.2f} prune {row['prune_s']:8.1f}s rss {row['peak_rss_mb']:.0f} MB",
+              flush=True)
+        del out
+    return rows.data
+
+
+# ---------------------------------------------------------------------------------------------- GPU, 7B shape
+def run_shape(args) -> dict:
+    """The depth search's paper schedule at Llama-2-7B's shape on CUDA (random bf16 weights: time and
+    memory, not quality), plus the dead-sublayer check on CUDA. Needs only the repository (the
+    tokenizer is tests/tiny_models' byte-level BPE, the calibration a generated text file)."""
+    import sys
+    import tempfile
+
+    import transformers
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_models import _BASE, tiny_tokenizer
+
+    assert torch.cuda.is_available(), "the shape suite needs CUDA"
+    tok = tiny_tokenizer()
+    tmp = Path(tempfile.mkdtemp(prefix="evopress-shape-"))
+    text = tmp / "calib.txt"
+    words = [w for w in (ROOT / "README.md").read_text().split() if w.isalpha()]
+    import random as _random
+
+    rng = _random.Random(0)
+    text.write_text(" ".join(rng.choice(words) for _ in range(120_000)))
+    record: dict = {"suite": "shape7b", "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                    "transformers": transformers.__version__}
+
+    # 1. correctness on CUDA: a dead attention / MLP is what the search removes
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(**{**_BASE, "num_hidden_layers": 4, "initializer_range": 0.2})
+    small = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        small.model.layers[2].self_attn.o_proj.weight.zero_()
+        small.model.layers[1].mlp.down_proj.weight.zero_()
+    out = compresskit.prune(small, "evopress", tokenizer=tok, calib=f"file:{text}", calib_format="prefix", nsamples=4,
+                            seqlen=32, device="cuda", method_options={"level": "sublayer", "remove": 0.25,
+                                                                      "generations": 4, "offspring": 4,
+                                                                      "tokens": "32,128", "survivors": "2,1"})
+    d = out.manifest.method_details
+    record["dead_sublayer_check"] = {"removed": sorted(f"{r['type']}{r['block']}" for r in d["removed"]),
+                                     "final_fitness": d["final_fitness"]}
+    print("dead sublayer check on CUDA:", record["dead_sublayer_check"], flush=True)
+
+    # 2. Llama-2-7B shape, random bf16 weights, the paper schedule for --generations generations
+    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+    t0 = time.perf_counter()
+    with torch.device("cuda"):
+        big = transformers.LlamaForCausalLM._from_config(cfg, torch_dtype=torch.bfloat16).eval()
+    record["init_s"] = round(time.perf_counter() - t0, 1)
+    torch.cuda.reset_peak_memory_stats()
+    options = {"level": "sublayer", "remove": 0.25, "schedule": "paper", "generations": args.generations or 2,
+               "score_dtype": "model"}
+    t0 = time.perf_counter()
+    out = compresskit.prune(big, "evopress", tokenizer=tok, calib=f"file:{text}", calib_format="prefix",
+                            nsamples=16, seqlen=2048, device="cuda", batch_size=4, method_options=options)
+    d = out.manifest.method_details
+    gens = d["history"]
+    per_gen = sum(h["seconds"] for h in gens) / max(len(gens), 1)
+    record.update(options=options, total_s=round(time.perf_counter() - t0, 1), timings=out.manifest.timings,
+                  schedule=d["schedule"], kl=d["kl"], seconds_per_generation=round(per_gen, 2),
+                  paper_generations=int(8 * (32 - 8) / 1.5),
+                  projected_paper_min=round(per_gen * int(8 * (32 - 8) / 1.5) / 60, 1),
+                  peak_gpu_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1), peak_rss_mb=round(rss_mb(), 1),
+                  history=gens, seed_fitness=d["seed_fitness"])
+    print(json.dumps({k: v for k, v in record.items() if k != "history"}, indent=1), flush=True)
+    (args.out or RESULTS / "evopress_shape7b.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+# ---------------------------------------------------------------------------------------------- report
+def table(data: dict) -> str:
+    s = data["settings"]
+    lines = [f"suite {s['suite']}: {json.dumps(s)}", "",
+             "| row | removed / allocation | params | WikiText-2 ppl | PIQA | search s | peak RSS MB | KL (search) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        what = " ".join(r.get("removed", [])) if r.get("removed") else (
+            f"sparsity {r['measured_sparsity']:.4f}" if r.get("measured_sparsity") is not None else "-")
+        search = r.get("search_s", r.get("prune_s"))
+        lines.append(f"| {r['label']} | {what} | {r.get('params', 0):,} | {r.get('ppl', float('nan')):.2f} | "
+                     f"{'-' if r.get('piqa') is None else format(r['piqa'], '.3f')} | {search if search is not None else '-'} | "
+                     f"{r.get('peak_rss_mb', '-')} | {'-' if r.get('final_fitness') is None else format(r['final_fitness'], '.4g')} |")
+    if data.get("tracking"):
+        lines += ["", "sublayer search, successive parents: generation, KL, held-out ppl"]
+        for t in sorted(data["tracking"], key=lambda t: t["generation"]):
+            lines.append(f"  {t['generation']:4d}  {t['fitness']:.4g}  {t['ppl']:.2f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=["depth", "sparsity", "shape7b"], default="depth")
+    ap.add_argument("--nsamples", type=int, default=8, help="depth: calibration samples (prefix)")
+    ap.add_argument("--seqlen", type=int, default=128, help="depth: calibration sample length")
+    ap.add_argument("--sp-nsamples", type=int, default=32, help="sparsity: calibration windows")
+    ap.add_argument("--sp-seqlen", type=int, default=512, help="sparsity: window length")
+    ap.add_argument("--sp-dtype", default="bfloat16", help="sparsity: model dtype (sparsity_smollm2.py's)")
+    ap.add_argument("--sparsities", default="0.7")
+    ap.add_argument("--pruners", default="wanda")
+    ap.add_argument("--schedule", default=None, help="sparsity: EvoPress schedule name (default: the method's)")
+    ap.add_argument("--generations", type=int, default=None)
+    ap.add_argument("--offspring", type=int, default=None)
+    ap.add_argument("--tokens", default=None)
+    ap.add_argument("--survivors", default=None)
+    ap.add_argument("--search-seed", type=int, default=0)
+    ap.add_argument("--eval-seqlen", type=int, default=2048)
+    ap.add_argument("--eval-windows", type=int, default=4)
+    ap.add_argument("--piqa-limit", type=int, default=0)
+    ap.add_argument("--track", type=int, default=5, help="depth: parents whose held-out ppl is measured")
+    ap.add_argument("--finercut-json", type=Path, default=RESULTS / "finercut_smollm2.json")
+    ap.add_argument("--only", default=None, help="sparsity: comma-separated label substrings")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    if args.suite == "depth":
+        args.generations = 20 if args.generations is None else args.generations
+        args.offspring = 8 if args.offspring is None else args.offspring
+        args.tokens = args.tokens or "128,1024"
+        args.survivors = args.survivors or "2,1"
+    torch.manual_seed(0)
+    out = args.out or RESULTS / f"evopress_{args.suite}.json"
+    if args.suite == "shape7b":
+        run_shape(args)
+        return
+    if args.report_only:
+        data = json.loads(out.read_text())
+    else:
+        data = run_depth(args) if args.suite == "depth" else run_sparsity(args)
+    print(table(data))
+
+
+if __name__ == "__main__":
+    main()
