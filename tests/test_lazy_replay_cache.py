@@ -132,4 +132,7 @@ def test_the_budget_comes_from_the_environment_or_half_the_available_memory(monk
     with pytest.raises(InputError, match=READ_CACHE_ENV):
         default_read_budget()
     monkeypatch.delenv(READ_CACHE_ENV)
-    assert default_read_budget() > 0
+    monkeypatch.setattr("compresskit.models.lazy_store.available_host_memory", lambda: 8 << 30)
+    assert default_read_budget() == 4 << 30
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's ranks on this host share the half
+    assert default_read_budget() == 1 << 30

@@ -146,7 +146,8 @@ def available_host_memory() -> int | None:
 
 def default_read_budget() -> int:
     """``$COMPRESSKIT_READ_CACHE`` (a size: ``512MB``, ``2GB``, bytes; ``0``: keep nothing), else half
-    the host memory available now (0 when that cannot be read)."""
+    the host memory available now, shared by the processes ``torchrun`` started on this host
+    (``LOCAL_WORLD_SIZE``: every rank reads the same model); 0 when that cannot be read."""
     env = os.environ.get(READ_CACHE_ENV)
     if env:
         text = env.strip()
@@ -155,7 +156,11 @@ def default_read_budget() -> int:
         except (ValueError, TypeError):
             raise InputError(f"${READ_CACHE_ENV} must be a size such as 512MB, 2GB or 0, got {env!r}") from None
     available = available_host_memory()
-    return available // 2 if available else 0
+    try:
+        ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        ranks = 1
+    return available // (2 * ranks) if available else 0
 
 
 class ReadCache:
