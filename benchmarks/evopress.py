@@ -287,6 +287,39 @@ def sparsity_configs(sparsities: list[float], pruners: list[str], options: dict)
     return rows
 
 
+#: sparsity_smollm2.py's labels for the heuristic rows
+_ALLOCATION_LABELS = {"uniform": "{pruner} {s}", "owl": "owl+{pruner} {s}",
+                      "alphapruning": "alphapruning+{pruner} {s} (alpha_epsilon=0.2)"}
+
+
+def reusable_allocation_rows(args) -> dict[str, dict]:
+    """Uniform / OWL / AlphaPruning rows that sparsity_smollm2.py measured with this protocol
+    (calibration, eval windows, dtype): their ppl and prune time are reused, not measured again."""
+    path = RESULTS / "sparsity_smollm2_allocation.json"
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    a = data["args"]
+    same = (a.get("calib", "").endswith("sotu.jsonl") and a.get("nsamples") == args.sp_nsamples
+            and a.get("seqlen") == args.sp_seqlen and a.get("eval_seqlen") == args.eval_seqlen
+            and a.get("eval_windows") == args.eval_windows and a.get("dtype") == args.sp_dtype)
+    if not same:
+        return {}
+    out = {}
+    by_label = {r["label"]: r for r in data["rows"]}
+    for s in (float(x) for x in args.sparsities.split(",")):
+        for pruner in args.pruners.split(","):
+            for method, fmt in _ALLOCATION_LABELS.items():
+                theirs = by_label.get(fmt.format(pruner=pruner, s=f"{s:.0%}"))
+                if theirs is not None and theirs.get("ppl") == theirs.get("ppl"):  # not NaN
+                    out[f"{method} {pruner} {s:.0%}"] = {
+                        "ppl": theirs["ppl"], "prune_s": round(theirs.get("prune_s", 0), 1),
+                        "measured_sparsity": theirs.get("measured_sparsity"), "block_ratios": theirs.get("block_ratios"),
+                        "eval_windows": theirs.get("eval_windows"), "eval_tokens": theirs.get("eval_tokens"),
+                        "piqa": None, "reused_from": f"{path.name} ({theirs['label']})"}
+    return out
+
+
 def run_sparsity(args) -> dict:
     sotu = shared_data_dir() / "corpora" / "sotu.jsonl"
     options = {k: v for k, v in {"schedule": args.schedule, "generations": args.generations, "offspring": args.offspring,
@@ -301,11 +334,16 @@ def run_sparsity(args) -> dict:
     _, tok = fresh(args.sp_dtype)
     ids, info = perplexity_tokens(tok, "wikitext2", args.eval_seqlen)
     rows.data["wikitext2"] = info
+    reuse = reusable_allocation_rows(args)
     for cfg in plan:
         if args.only and not any(s in cfg["label"] for s in args.only.split(",")):
             continue
         row = rows.get(cfg["label"])
         if row is not None and "ppl" in row:
+            continue
+        if cfg["method"] != "evopress" and cfg["label"] in reuse:
+            rows.put(dict(cfg, **reuse[cfg["label"]]))
+            print(f"{cfg['label']:35s} ppl {reuse[cfg['label']]['ppl']:10.2f} (reused)", flush=True)
             continue
         t0 = time.perf_counter()
         out = compresskit.prune(MODEL, cfg["method"], pruner=cfg["pruner"], sparsity=cfg["sparsity"],

@@ -145,12 +145,12 @@ def test_deterministic_under_a_seed_and_resume_matches(calib, tmp_path):
         return [{k: v for k, v in h.items() if k != "seconds"} for h in d["history"]]
 
     a = run(tmp_path / "a", 4)
-    b = run(tmp_path / "b", 4)
-    assert a["genes"] == b["genes"] and timeless(a) == timeless(b) and a["seed_fitness"] == b["seed_fitness"]
     # the search improves after generation 1 (else resuming there would prove nothing)
     assert any(h["improved"] for h in a["history"][1:])
-    # 1 generation, then --resume to 4: the same history, final genes and fitness as the uninterrupted run
-    run(tmp_path / "c", 1)
+    # a second run of 1 generation, then --resume to 4: the same seeds' fitness, history, final genes and
+    # fitness as the uninterrupted run (deterministic under the search seed, and resumable)
+    first = run(tmp_path / "c", 1)
+    assert first["seed_fitness"] == a["seed_fitness"] and timeless(first) == timeless(a)[:1]
     c = run(tmp_path / "c", 4, resume=True)
     assert c["resumed_from_generation"] == 1
     assert c["genes"] == a["genes"] and c["final_fitness"] == a["final_fitness"] and timeless(c) == timeless(a)
