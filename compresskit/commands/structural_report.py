@@ -1,7 +1,8 @@
 """What a structural method removed, for ``prune``'s summary and ``inspect`` (not a command module).
 
-Sparsity methods are shown by their per-block sparsity table; for FinerCut, CD-MoE and REAP that
-table is all zeros and says nothing, so these show which sublayers went (FinerCut), which layers
+Sparsity methods are shown by their per-block sparsity table; for FinerCut, EvoPress's depth search,
+CD-MoE and REAP that table is all zeros and says nothing, so these show which sublayers went
+(FinerCut, EvoPress with the search's fitness and seeds), which layers
 were condensed into which experts (CD-MoE) and which experts were removed (REAP), read only from
 the manifest's ``method_details`` (no torch import: ``inspect`` stays fast).
 """
