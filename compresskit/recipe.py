@@ -249,11 +249,99 @@ def _first_error(exc: ValidationError, prefix: tuple = ()) -> _FieldError:
     return _FieldError(loc, message, missing=err["type"] == "missing")
 
 
+class HealStage(_Strict):
+    """A ``method: heal`` stage: ``compresskit heal``'s options (``compresskit heal --help``). The
+    previous stage's checkpoint (or ``model``) is healed; the result is a checkpoint, so
+    ``train: lora`` needs ``merge: true``."""
+
+    method: Literal["heal"]
+    data: list[str]
+    steps: int | None = Field(None, ge=1)
+    tokens: int | str | None = None
+    loss: str = "kd"
+    kd_weight: float | None = None
+    temperature: float = 1.0
+    kl_top_k: int | None = Field(None, ge=1)
+    train: str = "auto"
+    lora_rank: int | None = Field(None, ge=1)
+    lora_alpha: float | None = None
+    lora_targets: str | None = None
+    merge: bool = False
+    teacher: str | None = None
+    teacher_device: str | None = None
+    lr: float = 1e-4
+    batch_size: int = Field(4, ge=1)
+    seqlen: int | None = Field(None, ge=1)
+    warmup: int | None = Field(None, ge=0)
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    data_format: str = "window"
+    text_field: str | None = None
+    seed: int = 0
+    grad_checkpointing: bool = False
+    eval_data: str | None = None
+    eval_every: int = Field(100, ge=1)
+    eval_windows: int = Field(8, ge=1)
+    save_every: int = Field(100, ge=1)
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    def settings(self):
+        """The ``HealSettings`` of this stage (its options checked)."""
+        from .heal.workflow import HealSettings, parse_tokens
+
+        fields = self.model_dump(exclude={"method", "teacher_device"})
+        fields["data"] = tuple(fields["data"])
+        fields["tokens"] = parse_tokens(fields["tokens"])
+        settings = HealSettings(**fields)
+        settings.check_options()
+        if settings.steps is not None:
+            settings.validate()
+        return settings
+
+
+def heal_stage(stage: Stage) -> HealStage:
+    return HealStage.model_validate({"method": stage.method, **(stage.model_extra or {})})
+
+
+def _validate_heal_stage(i: int, stage: Stage) -> None:
+    here = ("stages", i)
+    for name in ("sparsity", "pruner", "include", "exclude", "blocksize", "percdamp"):
+        if getattr(stage, name) is not None:
+            raise _FieldError((*here, name), "does not apply to a heal stage; drop it")
+    if stage.pattern != "unstructured":
+        raise _FieldError((*here, "pattern"), "does not apply to a heal stage; drop it")
+    try:
+        healing = heal_stage(stage)
+    except ValidationError as exc:
+        err = _first_error(exc, here)
+        if exc.errors()[0]["type"] == "extra_forbidden":
+            err.message = f"unknown option for a heal stage (allowed: {', '.join(HealStage.model_fields)})"
+        raise err from None
+    if i == 0:
+        raise _FieldError((*here, "method"), "a heal stage heals the checkpoint of an earlier stage; put a "
+                                             "compression stage before it")
+    try:
+        settings = healing.settings()
+    except CompressKitError as exc:
+        raise _FieldError(here, str(exc)) from None
+    if settings.train == "lora" and not settings.merge:
+        raise _FieldError((*here, "merge"), "a recipe's heal stage writes a checkpoint: with train: lora set "
+                                            "merge: true", missing=True)
+
+
 def _validate_stage(i: int, stage: Stage) -> None:
     from .methods import get_method
     from .pruning import PRUNERS, Pattern
 
     here = ("stages", i)
+    if stage.method == "heal":
+        _validate_heal_stage(i, stage)
+        return
     try:
         entry = get_method(stage.method)
     except CompressKitError as exc:

@@ -112,6 +112,10 @@ def run_recipe(
     current, summaries = recipe.model, []
     dirs = stage_dirs(recipe)
     for stage, out in zip(recipe.stages, dirs):
+        if stage.method == "heal":  # heal the previous stage's checkpoint (recipe.heal_stage)
+            summaries.append(_heal(stage, current, out, recipe, progress))
+            current = str(out)
+            continue
         outcome = api.prune(
             current, stage.method, sparsity=stage.sparsity, pattern=stage.pattern, pruner=stage.pruner,
             calib=calib.source, calib_format=calib.format, nsamples=calib.nsamples, seqlen=calib.seqlen,
@@ -141,6 +145,25 @@ def run_recipe(
     run.checks = evaluate_checks(recipe.checks, result, baseline)
     write_report(run)
     return run
+
+
+def _heal(stage, current: str, out: Path, recipe: Recipe, progress) -> dict:
+    from .heal.workflow import heal
+    from .recipe import heal_stage
+
+    healing = heal_stage(stage)
+    outcome = heal(current, out, healing.settings(), device=recipe.device, teacher_device=healing.teacher_device,
+                   resume=False, force=recipe.force, progress=progress)
+    record = outcome.record
+    details = record["method_details"]
+    curve = details["evals"]
+    return {"method": "heal", "out": str(outcome.out), "sparsity": record["sparsity"],
+            "hyperparameters": {"loss": details["loss"]["kind"], "trained": " + ".join(details["trained"]["trained"]),
+                                "teacher": (details["teacher"] or {}).get("model"), "tokens": details["tokens"],
+                                "steps": details["steps"],
+                                "held_out_ppl": (f"{curve[0]['ppl']:.3f} -> {curve[-1]['ppl']:.3f}" if curve else None)},
+            "method_details": {k: details[k] for k in ("trained", "teacher", "loss", "tokens", "steps", "evals",
+                                                       "sparsity_kept")}}
 
 
 # ----------------------------------------------------------------------------- report

@@ -212,3 +212,17 @@ def test_tokens_set_the_steps_and_finetune_is_the_same_trainer(wanda_ckpt, sotu_
     outcome = heal(wanda_ckpt, tmp_path / "t", _settings(sotu_jsonl, steps=None, tokens=150, loss="ce"), device="cpu")
     # 150 tokens at 2 × 32 per step: 3 steps (rounded up), 192 tokens
     assert outcome.record["method_details"]["steps"] == 3 and outcome.record["method_details"]["tokens"] == 192
+
+
+def test_reap_heals_its_remaining_experts_and_routers_only(tiny_model_dir, sotu_jsonl, tmp_path):
+    reap = tmp_path / "reap"
+    compresskit.prune(str(tiny_model_dir("qwen2_moe")), "reap", out=reap, device="cpu", calib=f"file:{sotu_jsonl}",
+                      nsamples=2, seqlen=32, method_options={"remove_experts": 0.25})
+    outcome = heal(reap, tmp_path / "healed", _settings(sotu_jsonl, steps=2, loss="ce", lr=1e-2), device="cpu")
+    trained = outcome.record["method_details"]["trained"]
+    assert trained["kinds"] == ["reap"] and trained["trained"] == ["reap"]
+    before, after = compresskit.load(reap).state_dict(), compresskit.load(outcome.out).state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".mlp.experts." in k or k.endswith(".mlp.gate.weight") for k in changed), sorted(changed)
+    assert any(k.endswith(".mlp.gate.weight") for k in changed) and any(".mlp.experts." in k for k in changed)
+    assert not any("shared_expert" in k or "self_attn" in k or "embed" in k for k in changed)

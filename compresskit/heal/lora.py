@@ -145,4 +145,6 @@ def load_healed(path: str | Path, device: str = "cpu"):
 
     record = json.loads((path / RECORD).read_text())
     base = load(record["base_checkpoint"], device=device)
-    return PeftModel.from_pretrained(base, str(path)).eval()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return PeftModel.from_pretrained(base, str(path)).eval()

@@ -236,7 +236,9 @@ def heal(
     if settings.train == "lora":
         from .lora import add_lora, lora_parameters, parse_targets
 
-        peft_model = add_lora(model, settings.rank, settings.alpha, parse_targets(settings.lora_targets))
+        with torch.random.fork_rng(devices=[]):  # the adapters' initialisation is a function of --seed
+            torch.manual_seed(settings.seed)
+            peft_model = add_lora(model, settings.rank, settings.alpha, parse_targets(settings.lora_targets))
         trainable = lora_parameters(peft_model)
         student = peft_model
     else:
