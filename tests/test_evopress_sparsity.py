@@ -136,7 +136,7 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 def test_fragile_layer_ends_with_the_lowest_sparsity(tmp_path_factory, tmp_path, calib):
     src = _model_dir(tmp_path_factory, layers=4, fragile=2)
     outcome = api.prune(str(src), "evopress", sparsity=0.5, pruner="magnitude", calib=calib, include="down_proj",
-                        method_options={"generations": 25, "offspring": 6, "tokens": "32,128", "survivors": "2,1"},
+                        method_options={"generations": 12, "offspring": 6, "tokens": "32,128", "survivors": "2,1"},
                         out=tmp_path / "out", **RUN)
     d = outcome.manifest.method_details
     levels = d["levels_per_matrix"]
@@ -237,3 +237,27 @@ def test_moe_experts_search_with_the_exact_budget(tiny_model_dir, tmp_path, cali
     d = outcome.manifest.method_details
     assert any(".experts." in n for n in d["levels_per_matrix"])
     assert d["achieved_zeros"] == d["target_zeros"] == outcome.manifest.sparsity["decoder_linear_zeros"]
+
+
+def test_top_k_fitness_is_the_references_top_k_kl(tiny_dir, tmp_path, calib):
+    """--kl-top-k K: the seeds' fitness is token_kl on the dense model's top-K logits (``generations 0``:
+    only the seeds are scored)."""
+    from compresskit.analysis.distances import top_k_logits
+    from compresskit.calibration import CalibrationSpec, load_calibration
+    from compresskit.models import load_model
+
+    d = _prune(tiny_dir, tmp_path / "topk", calib, pruner="magnitude",
+               options={"generations": 0, "top_k": 64}).manifest.method_details
+    assert d["kl"] == "top-64" and d["fitness_history"] == []
+    dense, tok = load_model(str(tiny_dir))
+    pruned, _ = load_model(str(tiny_dir))
+    for name, module in pruned.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            w = module.weight.data
+            w.masked_fill_(matrix_mask(w.abs(), int(w.numel() * 0.5) / w.numel()), 0)
+    ids = load_calibration(CalibrationSpec(source=calib, nsamples=8, seqlen=32, seed=0), tok).input_ids[:4]
+    with torch.no_grad():
+        ref, new = dense(ids).logits[:, :-1].float(), pruned(ids).logits[:, :-1].float()
+    expected = float(token_kl(top_k_logits(ref, 64), new).mean())
+    assert d["seed_fitness"]["uniform"] == pytest.approx(expected, rel=1e-4)
+    assert expected != pytest.approx(float(token_kl(ref, new).mean()), rel=1e-3)  # it is not the full KL

@@ -78,8 +78,8 @@ class EvoPressConfig(MethodConfig):
     schedule: Literal["auto", "fast", "paper"] = Field(
         "auto", json_schema_extra={"flag": "--schedule"},
         description="evopress: paper (the reference's scripts: 400 generations, 64 offspring, survivors 8-2-1 on "
-                    "2048-16384-65536 tokens) or fast (60 generations, 16 offspring, 4-1 on 512-4096: SmolLM2-135M "
-                    "on a 2-core CPU well under an hour); auto: paper on CUDA, fast on CPU.",
+                    "2048-16384-65536 tokens) or fast (30 generations, 8 offspring, 2-1 on 256-1024 tokens: SmolLM2-135M "
+                    "on a 2-core CPU within the hour); auto: paper on CUDA, fast on CPU.",
     )
     generations: int | None = Field(None, ge=0, json_schema_extra={"flag": "--generations"},
                                     description="evopress: generations (overrides the schedule's).")

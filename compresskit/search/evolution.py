@@ -108,7 +108,7 @@ def paper_depth_schedule(units: int, removed: int) -> Schedule:
 
 # Measured to finish SmolLM2-135M at 70 % (Wanda levels) on a 2-core CPU well under an hour;
 # see docs/methods.md (EvoPress) for the figure and the command.
-FAST_SPARSITY = Schedule("fast", 60, 16, (Stage(512, 4), Stage(4096, 1)))
+FAST_SPARSITY = Schedule("fast", 30, 8, (Stage(256, 2), Stage(1024, 1)))
 
 
 def fast_depth_schedule(units: int, removed: int) -> Schedule:

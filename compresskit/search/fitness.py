@@ -43,7 +43,7 @@ from ..models.placement import onload
 FULL_KL_BYTES = 1 << 30
 CACHE_BYTES = 1 << 30
 DEFAULT_TOP_K = 1024
-HEAD_CHUNK = 512
+HEAD_CHUNK = 256
 
 Installed = Callable[[int, "Sequence[int] | None"], AbstractContextManager[nn.Module]]
 
@@ -130,36 +130,47 @@ class KLFitness:
         for b, h in enumerate(hidden):
             token_mask = captured.token_masks[b]
             keep = None if token_mask is None else token_mask[:, :-1].bool().cpu()
-            logits = self._logits(h)
-            if self.top_k:
-                values, idx = top_k_logits(logits, self.top_k)
-                reference.append((values, idx.to(torch.int32)))
-            else:
-                reference.append(logits)
+            reference.append(self._logits(h, self.top_k))
             masks.append(keep)
         tokens = int(ids.shape[0] * ids.shape[1])
         return _Stage(tokens=tokens, captured=captured, reference=reference, masks=masks)
 
     @torch.no_grad()
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits of every position but the last, [b, L-1, V], on the CPU (the reference)."""
-        out = []
-        for part in self._head_chunks(hidden):
-            out.append(part.to(self.store))
-        return torch.cat(out, dim=1)
+    def _logits(self, hidden: torch.Tensor, top_k: int = 0):
+        """The reference of one batch on the CPU: fp32 logits of every position but the last,
+        ``[b, L-1, V]``, or with ``top_k`` their K largest values and int32 ids (chunk by chunk: the
+        full logits of a batch never exist at once)."""
+        b, length = hidden.shape[0], hidden.shape[1] - 1
+        values = ids = None
+        for row, start, logits in self._head_chunks(hidden):
+            end = start + logits.shape[0]
+            if top_k:
+                v, i = top_k_logits(logits, top_k)
+                if values is None:
+                    values = torch.empty((b, length, v.shape[-1]), dtype=torch.float32, device=self.store)
+                    ids = torch.empty((b, length, v.shape[-1]), dtype=torch.int32, device=self.store)
+                values[row, start:end], ids[row, start:end] = v.to(self.store), i.to(self.store, torch.int32)
+            else:
+                if values is None:
+                    values = torch.empty((b, length, logits.shape[-1]), dtype=torch.float32, device=self.store)
+                values[row, start:end] = logits.to(self.store)
+        return (values, ids) if top_k else values
 
     def _head_chunks(self, hidden: torch.Tensor):
-        """Logits (fp32, compute device) of positions 0..L-2, ``HEAD_CHUNK`` positions at a time."""
+        """``(row, start, logits [w, V])``: fp32 logits on the compute device of positions
+        ``start .. start+w-1`` (never the last) of every sequence, ``HEAD_CHUNK`` positions at a time,
+        so the KL's float64 work holds ``HEAD_CHUNK × vocab`` values, not a batch's."""
         modules = self.adapter.head_modules()
         length = hidden.shape[1] - 1
         with ExitStack() as stack:
             for m in modules:
                 stack.enter_context(onload(m, self.device))
-            for start in range(0, length, HEAD_CHUNK):
-                y = hidden[:, start:min(start + HEAD_CHUNK, length)].to(self.device)
-                for m in modules:
-                    y = m(y)
-                yield y.float()
+            for row in range(hidden.shape[0]):
+                for start in range(0, length, HEAD_CHUNK):
+                    y = hidden[row, start:min(start + HEAD_CHUNK, length)].to(self.device)
+                    for m in modules:
+                        y = m(y)
+                    yield row, start, y.float()
 
     # ---------------------------------------------------------------- scoring
     def _block_levels_differ(self, a: Sequence[int], b: Sequence[int]) -> int:
@@ -187,18 +198,16 @@ class KLFitness:
         total, count = 0.0, 0
         for b, h in enumerate(hidden):
             ref, mask = stage.reference[b], stage.masks[b]
-            pos = 0
-            for logits in self._head_chunks(h):
-                width = logits.shape[1]
+            for row, pos, logits in self._head_chunks(h):
+                end = pos + logits.shape[0]
                 if isinstance(ref, tuple):
-                    part = (ref[0][:, pos:pos + width].to(self.device), ref[1][:, pos:pos + width].to(self.device).long())
+                    part = (ref[0][row, pos:end].to(self.device), ref[1][row, pos:end].to(self.device).long())
                 else:
-                    part = ref[:, pos:pos + width].to(self.device)
-                m = None if mask is None else mask[:, pos:pos + width].to(self.device)
+                    part = ref[row, pos:end].to(self.device)
+                m = None if mask is None else mask[row, pos:end].to(self.device)
                 kl = token_kl(part, logits, m)
                 total += float(kl.sum())
                 count += int(kl.numel())
-                pos += width
         return total / max(count, 1)
 
     def set_parent(self, levels: Sequence[int]) -> None:
