@@ -150,7 +150,8 @@ def prune(
         hyperparameters={
             "sparsity": job.sparsity,
             "pattern": str(pat),
-            "pruner": pruner_name if entry.kind == "sparsity" else None,
+            # a config may say its kind (evopress: sparsity at --level matrix, structural at sublayer / block)
+            "pruner": pruner_name if getattr(config, "prune_kind", entry.kind) == "sparsity" else None,
             "include": include,
             "exclude": exclude,
             "device": str(dev),
