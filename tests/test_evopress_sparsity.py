@@ -13,7 +13,7 @@ import torch
 from compresskit import api
 from compresskit.analysis.distances import token_kl
 from compresskit.pruning import Pattern, matrix_mask, wanda_prune_
-from compresskit.search.database import level_codes, row_counts, top_up, weight_at
+from compresskit.search.database import level_codes, pack_bits, row_counts, top_up, unpack_bits, weight_at
 from compresskit.search.evolution import level_switch
 from compresskit.search.levels import LevelPlan, default_level_step, round_to_budget
 
@@ -82,6 +82,16 @@ def test_top_up_reaches_the_count_with_the_smallest_survivors():
     assert top_up(w, pruned, 3) == 3
     assert pruned.tolist() == [[True, True, False, False], [False, False, True, False]]
     assert (w[pruned] == 0).all()
+
+
+def test_sparse_level_storage_round_trips():
+    import numpy as np
+
+    for n in (1, 7, 8, 9, 1001):
+        flags = torch.rand(n, generator=torch.Generator().manual_seed(n)) > 0.5
+        packed = pack_bits(flags)
+        assert np.array_equal(packed.numpy(), np.packbits(flags.numpy()))
+        assert torch.equal(unpack_bits(packed, n), flags)
 
 
 def test_round_to_budget_and_seed_conversion():

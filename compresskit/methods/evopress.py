@@ -324,7 +324,7 @@ def run_sparsity_search(job: PruneJob, config: EvoPressConfig) -> MethodResult:
 
     from ..analysis.spectra import weights_fingerprint
     from ..engine import distributed
-    from ..search.database import LevelDatabase
+    from ..search.database import FORMAT_VERSION, LevelDatabase
     from ..search.evolution import evolve
     from ..search.fitness import KLFitness
     from ..search.levels import LevelPlan, default_level_step
@@ -369,7 +369,7 @@ def run_sparsity_search(job: PruneJob, config: EvoPressConfig) -> MethodResult:
     report("fingerprint", 0, 1, "model weights")
     fingerprint = weights_fingerprint(onloaded_weights(job, "cpu"))
     dtype = str(adapter.model.get_input_embeddings().weight.dtype).removeprefix("torch.")
-    key = {"format": 1, "weights": fingerprint, "dtype": dtype, "pruner": job.pruner,
+    key = {"format": FORMAT_VERSION, "weights": fingerprint, "dtype": dtype, "pruner": job.pruner,
            "pruner_options": dict(sorted(job.pruner_options.items())), "sparsity": sparsity,
            "levels": config.levels, "level_step": step,
            "units": [[u.name, list(u.shape)] for u in units],

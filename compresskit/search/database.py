@@ -8,8 +8,9 @@ Layout (``~/.cache/compresskit/evopress/<key digest>/``, ``COMPRESSKIT_CACHE_DIR
   scores of a comparison group contain the k−1 smallest), so one byte per weight holds every
   level and the weights themselves stay in the model (``weight_at``).
 * ``<block>/<matrix>@<j>.safetensors`` — SparseGPT changes the surviving weights too, so every
-  level's weights are stored (model dtype), one file per matrix and level: building and reading
-  hold one matrix, never a block's levels at once.
+  level's weights are stored, sparse (the non-zero values in the model dtype and one bit per
+  weight: (1−s)·bytes + 1/8 bytes per weight), one file per matrix and level: building and
+  reading hold one matrix, never a block's levels at once.
 * ``database.json`` — written last: the key it was built for and, per matrix, its level range and
   the zeros of every level actually stored. A folder without it is an interrupted build; its files
   are written atomically (temporary + rename), so a rebuild keeps the ones already there.
@@ -36,7 +37,7 @@ from typing import Any
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META_FILE = "database.json"
 SCORE_PRUNERS = ("magnitude", "wanda")
 
@@ -108,6 +109,23 @@ def top_up(weight: torch.Tensor, pruned: torch.Tensor, zeros: int) -> int:
     weight.view(-1)[idx] = 0
     pruned.view(-1)[idx] = True
     return zeros
+
+
+_BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_bits(flags: torch.Tensor) -> torch.Tensor:
+    """A 1-D bool tensor as uint8 bytes, 8 flags each, most significant bit first (numpy's packbits)."""
+    flags = flags.reshape(-1).to("cpu")
+    padded = torch.zeros(-(-flags.numel() // 8) * 8, dtype=torch.uint8)
+    padded[: flags.numel()] = flags.to(torch.uint8)
+    return (padded.view(-1, 8) * _BITS).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """The inverse of :func:`pack_bits`: ``count`` bools."""
+    bits = _BITS.to(packed.device)
+    return ((packed.unsqueeze(1) & bits) != 0).reshape(-1)[:count]
 
 
 # ------------------------------------------------------------------------------------------ storage
@@ -199,7 +217,11 @@ class LevelDatabase:
         _save_atomic({"code": code}, self._file(block, local), {"zeros": json.dumps(list(map(int, zeros)))})
 
     def write_level(self, block: str, local: str, index: int, weight: torch.Tensor, zeros: int) -> None:
-        _save_atomic({"weight": weight}, self._file(block, local, index), {"zeros": str(int(zeros))})
+        """One level's weights, stored sparse: the non-zero values (model dtype) and a bit per weight."""
+        nonzero = weight.detach().reshape(-1) != 0
+        _save_atomic({"values": weight.detach().reshape(-1)[nonzero], "bits": pack_bits(nonzero)},
+                     self._file(block, local, index),
+                     {"zeros": str(int(zeros)), "shape": json.dumps(list(weight.shape))})
 
     def stored_zeros(self, block: str, local: str, count: int) -> list[int]:
         """The zeros of every stored level of a matrix (from the files' metadata)."""
@@ -220,4 +242,7 @@ class LevelDatabase:
         if self.kind == "codes":
             code = _read(self._file(block, local), "code", dense.device)
             return weight_at(dense, code, index)
-        return _read(self._file(block, local, index), "weight", dense.device).to(dense.dtype)
+        path = self._file(block, local, index)
+        values = _read(path, "values", dense.device).to(dense.dtype)
+        keep = unpack_bits(_read(path, "bits", dense.device), dense.numel())
+        return torch.zeros(dense.numel(), dtype=dense.dtype, device=dense.device).masked_scatter_(keep, values).view(dense.shape)
