@@ -271,3 +271,33 @@ def test_top_k_fitness_is_the_references_top_k_kl(tiny_dir, tmp_path, calib):
     expected = float(token_kl(top_k_logits(ref, 64), new).mean())
     assert d["seed_fitness"]["uniform"] == pytest.approx(expected, rel=1e-4)
     assert expected != pytest.approx(float(token_kl(ref, new).mean()), rel=1e-3)  # it is not the full KL
+
+
+def test_lazy_model_holds_one_block_at_a_time(tiny_dir, tmp_path, calib, monkeypatch):
+    """With the default --load lazy, scoring candidates materialises one decoder block at a time
+    (swapping levels in never reads the whole model), and the search ends with the blocks on disk."""
+    from compresskit.search import sparsity as sparsity_module
+
+    seen: list[int] = []
+    original = sparsity_module.LevelModel.installed
+
+    def counting(self, i, levels):
+        manager = original(self, i, levels)
+
+        class Probe:
+            def __enter__(probe):
+                block = manager.__enter__()
+                real = [b for b in self.adapter.blocks if any(not p.is_meta for p in b.parameters())]
+                seen.append(len(real))
+                return block
+
+            def __exit__(probe, *exc):
+                return manager.__exit__(*exc)
+
+        return Probe()
+
+    monkeypatch.setattr(sparsity_module.LevelModel, "installed", counting)
+    outcome = _prune(tiny_dir, tmp_path / "lazy", calib, options={"generations": 2})
+    assert outcome.manifest.hyperparameters["loading"].startswith("lazy")
+    assert seen and max(seen) == 1
+    assert all(p.is_meta for b in outcome.model.model.layers for p in b.parameters())
