@@ -92,3 +92,18 @@ def test_memory_that_does_not_fit_is_one_line_naming_it(cli, ckpts, sotu_jsonl, 
     assert line.startswith("error: healing needs about ") and "GiB on cpu for student and teacher" in line, line
     assert "0.0 GiB are free; pass --teacher-device, --grad-checkpointing, --train lora" in line
     assert not out.exists()
+
+
+def test_an_option_error_answers_without_importing_torch(tmp_path):
+    import subprocess
+    import sys
+
+    probe = ("import sys, io, contextlib\n"
+             "sys.argv = ['compresskit', 'heal', 'ck', '--data', 'file:x', '--steps', '3', '--out', 'o', '--merge']\n"
+             "import compresskit.cli as c\n"
+             "err = io.StringIO()\n"
+             "with contextlib.redirect_stderr(err):\n"
+             "    try:\n        c.main()\n    except SystemExit as e:\n        code = e.code\n"
+             "print(code, 'torch' in sys.modules, 'transformers' in sys.modules, err.getvalue().strip())\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=60).stdout
+    assert out.startswith("2 False False error: --merge merges LoRA adapters"), out

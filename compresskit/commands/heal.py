@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ):
         """Heal a compressed checkpoint by distillation from its dense model; sparsity and structure are kept."""
-        from ..heal.workflow import HealSettings, heal as run, parse_tokens
+        from ..heal.settings import HealSettings, parse_tokens  # torch-free: bad options answer at once
 
         settings = HealSettings(
             data=tuple(data), steps=steps, tokens=parse_tokens(tokens), lr=lr, batch_size=batch_size, seqlen=seqlen,
@@ -71,6 +71,11 @@ def register(app: typer.Typer) -> None:
             loss=loss, kd_weight=kd_weight, temperature=temperature, kl_top_k=kl_top_k, train=train,
             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets, merge=merge, teacher=teacher,
         )
+        settings.check_options()
+        if settings.steps is not None:
+            settings.validate()
+        from ..heal.workflow import heal as run
+
         with PhaseProgress(enabled=not (quiet or json_out), eta=True) as bar:
             outcome = run(checkpoint, out, settings, device=device, teacher_device=teacher_device, dtype=dtype,
                           resume=resume, force=force, progress=bar)

@@ -2,13 +2,14 @@
 
 ``losses.py`` (KD / CE / KD+CE on ``analysis.distances.token_kl``) · ``trainables.py`` (what
 trains per checkpoint kind, masks) · ``teacher.py`` (the teacher, its vocabulary, memory) ·
-``lora.py`` (peft adapters, merging, the adapter directory) · ``loop.py`` (the one trainer, also
+``lora.py`` (peft adapters, merging, the adapter directory) · ``settings.py`` (the options and
+their checks, torch-free) · ``loop.py`` (the one trainer, also
 ``compresskit finetune``'s) · ``workflow.py`` (:func:`heal`). Names resolve on first use, so
 importing the package costs nothing.
 """
 
-_NAMES = {"heal": "workflow", "HealSettings": "workflow", "HealOutcome": "workflow", "parse_tokens": "workflow",
-          "load_healed": "lora", "TrainSettings": "loop", "LossSpec": "losses", "kd_loss": "losses"}
+_NAMES = {"heal": "workflow", "HealSettings": "settings", "HealOutcome": "workflow", "parse_tokens": "settings",
+          "load_healed": "lora", "TrainSettings": "settings", "LossSpec": "losses", "kd_loss": "losses"}
 
 
 def __getattr__(name: str):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,77 +27,9 @@ import torch
 from ..errors import InputError
 from ..lowrank.finetune_utils import cosine_with_warmup
 from ..training_state import PeakMemory, load_train_state, save_train_state
+from .settings import DEFAULT_SEQLEN, TrainSettings, default_warmup  # noqa: F401 (the trainer's names)
 
 Progress = Callable[[str, int, int, str], None]
-#: WeLore's fine-tuning window; an unset --seqlen is this, fitted to the model's context.
-DEFAULT_SEQLEN = 512
-
-
-def default_warmup(steps: int) -> int:
-    """Warmup steps when none are given: 100 (the reference's) but never more than 10 % of the run."""
-    return max(0, min(100, steps // 10))
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Everything that decides the trained weights (plus evaluation / saving cadence)."""
-
-    data: tuple[str, ...]
-    steps: int | None
-    lr: float = 5e-5
-    batch_size: int = 4
-    #: None: ``DEFAULT_SEQLEN`` (WeLore's 512), lowered to the model's context when shorter; the
-    #: default that was lowered is then recorded as ``seqlen_default``
-    seqlen: int | None = None
-    seqlen_default: int | None = None
-    #: None: ``default_warmup(steps)`` = min(100, 10 % of the steps), resolved once steps are known.
-    warmup: int | None = None
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    data_format: str = "window"
-    text_field: str | None = None
-    seed: int = 0
-    grad_checkpointing: bool = False
-    eval_data: str | None = None
-    eval_every: int = 100
-    eval_windows: int = 8
-    save_every: int = 100
-
-    # Changing these does not change the trained weights, so a resumed run may change them.
-    CADENCE = ("grad_checkpointing", "eval_data", "eval_every", "eval_windows", "save_every", "seqlen_default")
-
-    def __post_init__(self) -> None:
-        if self.warmup is None and isinstance(self.steps, int) and not isinstance(self.steps, bool):
-            object.__setattr__(self, "warmup", default_warmup(self.steps))
-
-    def validate(self) -> None:
-        if not self.data:
-            raise InputError("pass --data SOURCE (a calibration source such as file:corpus.jsonl or c4)")
-        for name in ("steps", "batch_size", "seqlen", "eval_every", "eval_windows", "save_every"):
-            value = getattr(self, name)
-            if name == "seqlen" and value is None:
-                continue  # fitted to the model once it is loaded
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
-        if not self.lr > 0:
-            raise InputError(f"--lr must be > 0, got {self.lr:g}")
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or not 0 <= self.warmup <= self.steps:
-            raise InputError(f"--warmup must be in [0, --steps {self.steps}], got {self.warmup}; e.g. --warmup {self.steps // 10}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise InputError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio:g}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise InputError(f"--max-grad-norm must be > 0, got {self.max_grad_norm:g}")
-
-    def resume_key(self) -> dict[str, Any]:
-        """The settings a saved training state must share with the run that resumes it."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.CADENCE}
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * (self.seqlen or DEFAULT_SEQLEN)
-
-
 # --------------------------------------------------------------------------- data
 def training_windows(settings: TrainSettings, tokenizer) -> tuple[torch.Tensor, torch.Tensor | None, list[dict]]:
     """``steps × batch_size`` rows of ``seqlen`` tokens, interleaved over the ``data`` sources."""

@@ -32,20 +32,11 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from .settings import parse_targets  # noqa: F401 (heal --lora-targets)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
 RECORD = "heal.json"
 WRITTEN_BY = "compresskit heal"
-
-
-def parse_targets(targets: str | None) -> str | list[str]:
-    """``None`` / ``all-linear`` → peft's all-linear; ``q_proj,v_proj`` → those module names."""
-    if targets is None or targets.strip() in ("", "all-linear"):
-        return "all-linear"
-    names = [t.strip() for t in targets.split(",") if t.strip()]
-    if not names:
-        raise InputError("--lora-targets: give module names separated by commas (e.g. q_proj,v_proj) or all-linear")
-    return names
 
 
 def add_lora(model, rank: int, alpha: float, targets: str | list[str], dropout: float = 0.0):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..analysis.distances import token_kl, top_k_logits
 
-LOSSES = ("kd", "ce", "kd+ce")
+from .settings import LOSSES  # noqa: E402,F401
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from ..checkpoint import Manifest
 from ..errors import InputError
 from ..lowrank.layer import LowRankLinear
 
-TRAIN_MODES = ("auto", "full", "neighbours", "lora")
+from .settings import TRAIN_MODES  # noqa: E402
 #: stages that change weights but not the kind
 _TRAINING_METHODS = ("heal", "finetune")
 

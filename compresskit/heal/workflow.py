@@ -24,103 +24,13 @@ import torch
 from ..checkpoint import Manifest, check_output_dir, load_with_tokenizer, save_checkpoint
 from ..errors import InputError
 from ..training_state import remove_train_state, state_dir_for, training_memory_bytes
-from .loop import (DEFAULT_SEQLEN, Progress, TrainSettings, default_warmup, evaluate_heldout, freeze_all_but, prepare,
-                   run_training, training_windows, unprepare)
-from .losses import LOSSES, LossSpec, healing_loss
-from .trainables import TRAIN_MODES, plan_training
+from .loop import (DEFAULT_SEQLEN, Progress, default_warmup, evaluate_heldout, freeze_all_but, prepare, run_training,
+                   training_windows, unprepare)
+from .losses import healing_loss
+from .settings import DEFAULT_LORA_RANK, HealSettings, parse_tokens  # noqa: F401 (heal's public names)
+from .trainables import plan_training
 
 GIVE_A_CHECKPOINT = "give a directory written by compresskit prune (any method) or an earlier compresskit heal"
-#: the default LoRA rank; alpha defaults to twice the rank
-DEFAULT_LORA_RANK = 16
-
-
-@dataclass(frozen=True)
-class HealSettings(TrainSettings):
-    """The trainer's settings plus healing's own (all of them decide the healed weights)."""
-
-    steps: int | None = None
-    lr: float = 1e-4
-    tokens: int | None = None
-    loss: str = "kd"
-    kd_weight: float | None = None   # kd+ce only; None: 0.5
-    temperature: float = 1.0
-    kl_top_k: int | None = None
-    train: str = "auto"
-    lora_rank: int | None = None     # --train lora only; None: DEFAULT_LORA_RANK
-    lora_alpha: float | None = None  # None: 2 × rank
-    lora_targets: str | None = None  # None: all-linear
-    merge: bool = False
-    teacher: str | None = None
-
-    def check_options(self) -> None:
-        """What the options alone decide (before anything is read)."""
-        if self.loss not in LOSSES:
-            raise InputError(f"unknown --loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
-        if self.train not in TRAIN_MODES:
-            raise InputError(f"unknown --train {self.train!r}; choose one of {', '.join(TRAIN_MODES)}")
-        if (self.steps is None) == (self.tokens is None):
-            raise InputError("give exactly one of --steps N and --tokens N (e.g. --tokens 4M)")
-        if self.tokens is not None and (isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1):
-            raise InputError(f"--tokens must be a whole number of tokens >= 1, got {self.tokens!r}")
-        if self.kd_weight is not None:
-            if self.loss != "kd+ce":
-                raise InputError(f"--kd-weight applies to --loss kd+ce only (this run uses --loss {self.loss}); drop it")
-            if not 0.0 <= self.kd_weight <= 1.0:
-                raise InputError(f"--kd-weight must be in [0, 1], got {self.kd_weight:g}")
-        if not self.temperature > 0:
-            raise InputError(f"--temperature must be > 0, got {self.temperature:g}")
-        if self.loss == "ce" and (self.temperature != 1.0 or self.kl_top_k is not None or self.teacher):
-            flag = "--teacher" if self.teacher else "--temperature" if self.temperature != 1.0 else "--kl-top-k"
-            raise InputError(f"{flag} applies to distillation (--loss kd or kd+ce), not --loss ce; drop it")
-        if self.kl_top_k is not None and (isinstance(self.kl_top_k, bool) or self.kl_top_k < 1):
-            raise InputError(f"--kl-top-k must be an integer >= 1, got {self.kl_top_k!r}")
-        lora_given = [f for f, v in (("--lora-rank", self.lora_rank), ("--lora-alpha", self.lora_alpha),
-                                     ("--lora-targets", self.lora_targets)) if v is not None]
-        if self.train != "lora":
-            if self.merge:
-                raise InputError(f"--merge merges LoRA adapters into the weights; it applies to --train lora only "
-                                 f"(this run trains the weights themselves: --train {self.train}); drop it")
-            if lora_given:
-                raise InputError(f"{lora_given[0]} applies to --train lora only; drop it or pass --train lora")
-        if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or self.lora_rank < 1):
-            raise InputError(f"--lora-rank must be an integer >= 1, got {self.lora_rank!r}")
-        if self.lora_alpha is not None and not self.lora_alpha > 0:
-            raise InputError(f"--lora-alpha must be > 0, got {self.lora_alpha:g}")
-        if self.train == "lora":
-            from .lora import parse_targets
-
-            parse_targets(self.lora_targets)
-
-    @property
-    def loss_spec(self) -> LossSpec:
-        return LossSpec(kind=self.loss, kd_weight=0.5 if self.kd_weight is None else self.kd_weight,
-                        temperature=self.temperature, top_k=self.kl_top_k)
-
-    @property
-    def rank(self) -> int:
-        return self.lora_rank or DEFAULT_LORA_RANK
-
-    @property
-    def alpha(self) -> float:
-        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.rank
-
-
-def parse_tokens(text: str | int | None) -> int | None:
-    """``4M`` / ``500k`` / ``1.5G`` / ``20000`` → a number of tokens."""
-    if text is None or isinstance(text, int):
-        return text
-    raw = str(text).strip().replace("_", "")
-    scale = {"k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9, "b": 10 ** 9}.get(raw[-1:].lower(), 1)
-    number = raw[:-1] if scale != 1 else raw
-    try:
-        value = float(number) * scale
-    except ValueError:
-        raise InputError(f"--tokens {text!r}: give a number of tokens such as 20000, 500k or 4M") from None
-    if value < 1 or value != value:
-        raise InputError(f"--tokens must be >= 1, got {text!r}")
-    return int(round(value))
-
-
 @dataclass
 class HealOutcome:
     model: Any
