@@ -245,11 +245,11 @@ def test_method_calibration_defaults_are_the_papers(monkeypatch):
 
     seen = {}
 
-    def fake_build_job(model, **kwargs):
+    def fake_job_calibration(**kwargs):
         seen.update(kwargs)
         raise SystemExit(0)
 
-    monkeypatch.setattr(api, "build_job", fake_build_job)
+    monkeypatch.setattr(api, "job_calibration", fake_job_calibration)
     with pytest.raises(SystemExit):
         api.prune("smollm2-135m", "finercut", method_options={"remove": 0.25}, device="cpu")
     # seqlen: unset (None), so the method's default is fitted to the model's context once it is loaded
