@@ -165,11 +165,11 @@ def test_format_defaults_per_method():
 def test_api_resolves_the_format(monkeypatch, method, options, given, resolved):
     seen = {}
 
-    def fake_build_job(model, **kwargs):
+    def fake_job_calibration(**kwargs):
         seen.update(kwargs)
         raise SystemExit(0)
 
-    monkeypatch.setattr(api, "build_job", fake_build_job)
+    monkeypatch.setattr(api, "job_calibration", fake_job_calibration)
     with pytest.raises(SystemExit):
         api.prune("smollm2-135m", method, sparsity=0.5 if method == "wanda" else None, calib_format=given,
                   method_options=options, device="cpu")
