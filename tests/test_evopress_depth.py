@@ -200,3 +200,16 @@ def test_inspect_plot_of_a_depth_search(cli, tiny_model_dir, tmp_path):
     assert res.exit_code == 2 and "refusing to overwrite" in res.stderr
     assert len([line for line in res.stderr.strip().splitlines() if line.strip()]) == 1
     assert foreign.read_bytes() == b"\x89PNG not ours"
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "qwen3_moe", "gemma3"])
+def test_other_families_save_and_reload_identically(family, calib, tmp_path):
+    from tiny_models import tiny_model
+
+    model = tiny_model(family)
+    out = evopress(model, calib, tmp_path / family, level="sublayer", remove=0.5, generations=1, offspring=2)
+    d = out.manifest.method_details
+    assert d["attention_removed"] == d["mlp_removed"] == 1  # 2 blocks: 1 of each type
+    x = torch.randint(1, 8000, (2, 12), generator=torch.Generator().manual_seed(5))
+    loaded = compresskit.load(tmp_path / family)
+    torch.testing.assert_close(logits(loaded, x), logits(out.model, x), rtol=0, atol=0)
