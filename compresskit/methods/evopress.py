@@ -435,6 +435,8 @@ def run_sparsity_search(job: PruneJob, config: EvoPressConfig) -> MethodResult:
     search_s = time.perf_counter() - t0
 
     # ---- the winner into the model
+    scored = {s.tokens: fitness.tokens_of(s.tokens) for s in schedule.stages}
+    fitness.release()
     model.apply(final.parent, progress=report)
     if config.delete_database and distributed.is_writer():
         db.delete()
@@ -459,7 +461,7 @@ def run_sparsity_search(job: PruneJob, config: EvoPressConfig) -> MethodResult:
         "achieved_zeros": sum(zeros),
         "achieved_sparsity": sum(zeros) / sum(plan.numels),
         "schedule": {"name": schedule_name, "generations": schedule.generations, "offspring": schedule.offspring,
-                     "stages": [{"tokens": s.tokens, "survivors": s.survivors, "tokens_scored": fitness.tokens_of(s.tokens)}
+                     "stages": [{"tokens": s.tokens, "survivors": s.survivors, "tokens_scored": scored[s.tokens]}
                                 for s in schedule.stages]},
         "kl": "full" if not fitness.top_k else f"top-{fitness.top_k}",
         "search_seed": config.seed,

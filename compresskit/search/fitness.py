@@ -28,6 +28,7 @@ block). No model is ever reloaded: blocks run one at a time through the engine's
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from torch import nn
 from ..analysis.distances import token_kl, top_k_logits
 from ..engine import distributed
 from ..engine.capture import CapturedInputs, capture_block_inputs
-from ..models.placement import onload
+from ..models.placement import hold_reads, onload
 
 FULL_KL_BYTES = 1 << 30
 CACHE_BYTES = 1 << 30
@@ -82,6 +83,10 @@ class KLFitness:
         self.block_runs = 0
         self.scored = 0
         self.seconds = 0.0
+        # a lazily loaded model keeps its converted block reads in host memory while the search
+        # re-runs the blocks (models.placement.hold_reads, as BlockReplay does); closed by release()
+        self._hold = hold_reads(adapter.model)
+        self._hold_finalizer = weakref.finalize(self, self._hold.close)
         nsamples, seqlen = input_ids.shape
         vocab = adapter.model.get_output_embeddings().weight.shape[0]
         wanted = sorted(set(int(t) for t in stage_tokens))
@@ -234,6 +239,11 @@ class KLFitness:
             if start == self.num_blocks:
                 return self._kl(stage, stage.cache[self.num_blocks])
         return self._kl(stage, self._run(stage, levels, start))
+
+    def release(self) -> None:
+        """Let the lazy read cache go and drop the stages' activations and reference logits."""
+        self._hold.close()
+        self.stages.clear()
 
     def tokens_of(self, tokens: int) -> int:
         """The tokens a stage of ``tokens`` really scores (whole samples past one sample)."""
