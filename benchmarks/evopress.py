@@ -82,20 +82,47 @@ def piqa(model, tok, limit: int) -> float | None:
 
 
 class Rows:
-    """The suite's JSON file, rewritten after every row."""
+    """The suite's JSON file, rewritten after every row. ``settings``: what the searches depend on
+    (a file made with others is refused); ``evaluation``: how rows are evaluated (rows measured
+    otherwise are evaluated again, their searches kept)."""
 
-    def __init__(self, path: Path, settings: dict):
+    EVAL_KEYS = ("ppl", "piqa", "eval_windows", "eval_tokens", "eval_s", "eval_seqlen")
+
+    def __init__(self, path: Path, settings: dict, evaluation: dict):
         self.path = path
         data = json.loads(path.read_text()) if path.exists() else {}
-        if data and data.get("settings") != settings:
-            old = {k: v for k, v in data.get("settings", {}).items() if settings.get(k) != v}
+        stored = data.get("settings", {})
+        old = {k: v for k, v in stored.items() if k in settings and settings[k] != v}
+        if data and old:
             raise SystemExit(f"error: {path} was measured with other settings ({old}); pass --out NEW.json or delete it")
         self.data = data or {"settings": settings, "rows": []}
+        self.data["settings"] = settings
+        if self.data.get("evaluation") != evaluation:
+            for row in self.data["rows"]:
+                if not row.get("reused_from"):
+                    for key in self.EVAL_KEYS:
+                        row.pop(key, None)
+            self.data.pop("tracking", None)
+            self.data["evaluation"] = evaluation
+
+    def _merge_file(self) -> None:
+        """Rows another process (``--levels``) wrote meanwhile join ours (ours win for a label)."""
+        if not self.path.exists():
+            return
+        theirs = json.loads(self.path.read_text())
+        mine = {r["label"] for r in self.data["rows"]}
+        self.data["rows"] += [r for r in theirs.get("rows", []) if r["label"] not in mine]
+        seen = {t["generation"] for t in self.data.get("tracking", [])}
+        extra = [t for t in theirs.get("tracking", []) if t["generation"] not in seen]
+        if extra and theirs.get("evaluation") == self.data.get("evaluation"):
+            self.data.setdefault("tracking", []).extend(extra)
 
     def get(self, label: str) -> dict | None:
+        self._merge_file()
         return next((r for r in self.data["rows"] if r["label"] == label), None)
 
     def put(self, row: dict) -> dict:
+        self._merge_file()
         self.data["rows"] = [r for r in self.data["rows"] if r["label"] != row["label"]] + [row]
         self.data.update(torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count())
         self.path.write_text(json.dumps(self.data, indent=1))
@@ -105,7 +132,7 @@ class Rows:
 def evaluate_row(row: dict, model, tok, ids, args) -> dict:
     t0 = time.perf_counter()
     ppl = windowed_perplexity(model.float(), ids, args.eval_seqlen, max_windows=args.eval_windows, device="cpu")
-    row.update(ppl=ppl["value"], eval_windows=ppl["n_windows"], eval_tokens=ppl["tokens"],
+    row.update(ppl=ppl["value"], eval_windows=ppl["n_windows"], eval_tokens=ppl["tokens"], eval_seqlen=args.eval_seqlen,
                piqa=piqa(model, tok, args.piqa_limit), params=sum(p.numel() for p in model.parameters()),
                eval_s=round(time.perf_counter() - t0, 1))
     return row
@@ -137,10 +164,11 @@ def run_depth(args) -> dict:
     sotu = shared_data_dir() / "corpora" / "sotu.jsonl"
     settings = {"suite": "depth", "model": MODEL, "calib": "sotu.jsonl", "calib_format": "prefix",
                 "nsamples": args.nsamples, "seqlen": args.seqlen, "remove": 0.25, "generations": args.generations,
+                "block_generations": args.block_generations or args.generations,
                 "offspring": args.offspring, "tokens": args.tokens, "survivors": args.survivors,
-                "search_seed": args.search_seed, "eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows,
-                "piqa_limit": args.piqa_limit, "finercut_json": str(args.finercut_json.name)}
-    rows = Rows(args.out or RESULTS / "evopress_depth.json", settings)
+                "search_seed": args.search_seed, "finercut_json": str(args.finercut_json.name)}
+    evaluation = {"eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows, "piqa_limit": args.piqa_limit}
+    rows = Rows(args.out or RESULTS / "evopress_depth.json", settings, evaluation)
     orders = reused_orders(args.finercut_json)
     num_blocks = 30
     k = int(num_blocks * 0.25)
@@ -150,11 +178,13 @@ def run_depth(args) -> dict:
     searches = {}
     for level in ("sublayer", "block"):
         label = f"evopress {level}"
-        if rows.get(label) is None:
+        if rows.get(label) is None and level in args.levels.split(","):
             t0 = time.perf_counter()
             out = compresskit.prune(MODEL, "evopress", calib=f"file:{sotu}", calib_format="prefix",
                                     nsamples=args.nsamples, seqlen=args.seqlen, device="cpu", dtype="float32",
-                                    method_options={**options, "level": level})
+                                    method_options={**options, "level": level,
+                                                    "generations": settings[
+                                                        "generations" if level == "sublayer" else "block_generations"]})
             d = out.manifest.method_details
             rows.put({"label": label, "level": level, "search_s": round(time.perf_counter() - t0, 1),
                       "peak_rss_mb": round(rss_mb(), 1), "details": d,
@@ -202,6 +232,9 @@ def run_depth(args) -> dict:
             ("finercut", "sublayers", fc[:count]),
             ("block greedy", "blocks", orders["blocks"][:k])]
     for level in ("sublayer", "block"):
+        if searches[level] is None:
+            print(f"evopress {level}: no search yet (another --levels run makes it); not evaluated", flush=True)
+            continue
         d = searches[level]["details"]
         plan.append((f"evopress {level}", "genes", (d["units"], d["genes"])))
     for label, kind, payload in plan:
@@ -219,7 +252,7 @@ def run_depth(args) -> dict:
             del m
 
     # held-out ppl of the sublayer search's successive parents against their fitness
-    d = searches["sublayer"]["details"]
+    d = (searches["sublayer"] or {}).get("details") or {}
     parents = d.get("parents") or []
     pick = parents if len(parents) <= args.track else [parents[round(i * (len(parents) - 1) / (args.track - 1))]
                                                        for i in range(args.track)]
@@ -320,16 +353,29 @@ def reusable_allocation_rows(args) -> dict[str, dict]:
     return out
 
 
+def alpha_seed_epsilon(epsilon: float) -> None:
+    """EvoPress's ``alphapruning`` seed uses AlphaPruning's default ε = 0.3, which asks one SmolLM2
+    block for 102 % at 70 % and is refused; the seed here uses the ε of the AlphaPruning row (0.2)."""
+    import compresskit.allocation.alpha as alpha
+
+    original = alpha.allocate_alpha
+
+    def allocate(alphas, blocks, sizes, sparsity, eps, *rest, **kw):
+        return original(alphas, blocks, sizes, sparsity, epsilon, *rest, **kw)
+
+    alpha.allocate_alpha = allocate
+
+
 def run_sparsity(args) -> dict:
     sotu = shared_data_dir() / "corpora" / "sotu.jsonl"
+    alpha_seed_epsilon(0.2)
     options = {k: v for k, v in {"schedule": args.schedule, "generations": args.generations, "offspring": args.offspring,
                                  "tokens": args.tokens, "survivors": args.survivors, "seed": args.search_seed}.items()
                if v is not None}
     settings = {"suite": "sparsity", "model": MODEL, "calib": "sotu.jsonl", "calib_format": "window",
-                "nsamples": args.sp_nsamples, "seqlen": args.sp_seqlen, "evopress": options,
-                "eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows, "piqa_limit": args.piqa_limit,
-                "dtype": args.sp_dtype}
-    rows = Rows(args.out or RESULTS / "evopress_sparsity.json", settings)
+                "nsamples": args.sp_nsamples, "seqlen": args.sp_seqlen, "evopress": options, "dtype": args.sp_dtype}
+    evaluation = {"eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows, "piqa_limit": args.piqa_limit}
+    rows = Rows(args.out or RESULTS / "evopress_sparsity.json", settings, evaluation)
     plan = sparsity_configs([float(s) for s in args.sparsities.split(",")], args.pruners.split(","), options)
     _, tok = fresh(args.sp_dtype)
     ids, info = perplexity_tokens(tok, "wikitext2", args.eval_seqlen)
@@ -437,7 +483,7 @@ def run_shape(args) -> dict:
 # ---------------------------------------------------------------------------------------------- report
 def table(data: dict) -> str:
     s = data["settings"]
-    lines = [f"suite {s['suite']}: {json.dumps(s)}", "",
+    lines = [f"suite {s['suite']}: {json.dumps(s)}", f"evaluation: {json.dumps(data.get('evaluation'))}", "",
              "| row | removed / allocation | params | WikiText-2 ppl | PIQA | search s | peak RSS MB | KL (search) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
@@ -467,6 +513,8 @@ def main() -> None:
     ap.add_argument("--schedule", default=None, help="sparsity: EvoPress schedule name (default: the method's)")
     ap.add_argument("--generations", type=int, default=None)
     ap.add_argument("--offspring", type=int, default=None)
+    ap.add_argument("--block-generations", type=int, default=None, help="depth: generations of the block search "
+                    "(default --generations)")
     ap.add_argument("--tokens", default=None)
     ap.add_argument("--survivors", default=None)
     ap.add_argument("--search-seed", type=int, default=0)
@@ -474,6 +522,9 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=4)
     ap.add_argument("--piqa-limit", type=int, default=0)
     ap.add_argument("--track", type=int, default=5, help="depth: parents whose held-out ppl is measured")
+    ap.add_argument("--levels", default="sublayer,block",
+                    help="depth: the EvoPress searches this process runs (another process may run the others into "
+                         "the same --out; rows are merged)")
     ap.add_argument("--finercut-json", type=Path, default=RESULTS / "finercut_smollm2.json")
     ap.add_argument("--only", default=None, help="sparsity: comma-separated label substrings")
     ap.add_argument("--out", type=Path, default=None)
