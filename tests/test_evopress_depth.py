@@ -213,3 +213,19 @@ def test_other_families_save_and_reload_identically(family, calib, tmp_path):
     x = torch.randint(1, 8000, (2, 12), generator=torch.Generator().manual_seed(5))
     loaded = compresskit.load(tmp_path / family)
     torch.testing.assert_close(logits(loaded, x), logits(out.model, x), rtol=0, atol=0)
+
+
+def test_inspect_plot_of_a_sparsity_search(cli, tiny_model_dir, tmp_path):
+    calib = tmp_path / "c.txt"
+    calib.write_text(TEXT)
+    out = tmp_path / "evo"
+    res = cli("prune", "--model", tiny_model_dir("llama"), "--method", "evopress", "--pruner", "wanda",
+              "--sparsity", "0.5", "--calib", f"file:{calib}", "--nsamples", "2", "--seqlen", "32", "--device", "cpu",
+              "--generations", "2", "--offspring", "2", "--tokens", "16,64", "--survivors", "2,1",
+              "--out", out, "--quiet")
+    assert res.exit_code == 0, res.stderr
+    png = tmp_path / "levels.png"
+    res = cli("inspect", out, "--plot", png)
+    assert res.exit_code == 0, res.stderr
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "per-block sparsity" in res.stdout  # a sparsity search keeps the sparsity table, no removal report

@@ -74,7 +74,7 @@ def plot_evopress(details: dict, path: str | Path, title: str = "") -> Path:
     search shows the chosen sparsity of every matrix as a block × matrix heat map. Right: the
     parent's KL after every generation (log scale when positive), each seed's starting fitness as
     a dashed line, the winning seed named."""
-    history = details.get("history")
+    history = details.get("history", details.get("fitness_history"))  # depth / sparsity search
     if not isinstance(history, list):
         raise InputError("this checkpoint has no EvoPress search record to plot (history missing)")
     import matplotlib
@@ -109,10 +109,10 @@ def plot_evopress(details: dict, path: str | Path, title: str = "") -> Path:
                      f"{details.get('mlp_removed')} MLP removed", fontsize=9)
         ax.set_ylabel("block (original index)")
     else:
-        units = details.get("units")
-        levels = details.get("sparsities")
-        if not isinstance(units, list) or not isinstance(levels, list) or len(units) != len(levels):
-            raise InputError("this EvoPress checkpoint has no per-matrix level record to plot (units / sparsities missing)")
+        per_matrix = details.get("sparsity_per_matrix")
+        if not isinstance(per_matrix, dict) or not per_matrix:
+            raise InputError("this EvoPress checkpoint has no per-matrix level record to plot (sparsity_per_matrix missing)")
+        units, levels = list(per_matrix), list(per_matrix.values())
         blocks: dict[int, dict[str, float]] = {}
         cols = []
         for name, value in zip(units, levels):
@@ -127,10 +127,14 @@ def plot_evopress(details: dict, path: str | Path, title: str = "") -> Path:
                 grid[i, j] = blocks[b].get(kind, np.nan)
         n, ylabels = len(order), [str(b) for b in order]
         fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, max(3.0, 0.22 * n + 1.5)), gridspec_kw={"width_ratios": [1.2, 1.6]})
+        lo, hi = float(np.nanmin(grid)), float(np.nanmax(grid))
+        if hi - lo < 1e-6:  # one level everywhere: a band around it
+            lo, hi = lo - 0.05, hi + 0.05
         image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=matplotlib.colormaps["magma_r"],
-                          vmin=0, vmax=1, interpolation="nearest")
+                          vmin=lo, vmax=hi, interpolation="nearest")
         fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02, label="sparsity")
-        ax.set_title(f"chosen sparsity per matrix (target {details.get('target_sparsity', details.get('sparsity', '?'))})",
+        achieved = details.get("achieved_sparsity")
+        ax.set_title("chosen sparsity per matrix" + (f" (overall {achieved:.3f})" if isinstance(achieved, float) else ""),
                      fontsize=9)
         ax.set_ylabel("block")
     ax.set_xticks(range(len(cols)), cols, fontsize=7, rotation=45 if len(cols) > 2 else 0)
@@ -146,7 +150,7 @@ def plot_evopress(details: dict, path: str | Path, title: str = "") -> Path:
     if positive and len(positive) == len([v for v in [*values, *seeds.values()] if v is not None]):
         ax2.set_yscale("log")
     ax2.set_xlabel("generation")
-    ax2.set_ylabel("KL to the dense model (last stage's tokens)")
+    ax2.set_ylabel("KL to dense (last stage)")
     ax2.set_title(f"final {details.get('final_fitness', float('nan')):.4g}, line of seed "
                   f"{details.get('seed_winner')!s}, {details.get('tokens_seen', 0):,} tokens scored", fontsize=9)
     ax2.legend(fontsize=7)
