@@ -122,7 +122,44 @@ def pin_malloc_mmap_threshold(size: int = MMAP_THRESHOLD) -> bool:
     except (OSError, AttributeError):
         return False
     _threshold_pinned = bool(mallopt(_M_MMAP_THRESHOLD, size))
+    if _threshold_pinned:
+        global mmap_threshold
+        mmap_threshold = size
     return _threshold_pinned
+
+
+#: glibc's largest dynamic threshold on 64-bit (``DEFAULT_MMAP_THRESHOLD_MAX``): the heap serves
+#: allocations below it, as it does when nothing is pinned
+HELD_MMAP_THRESHOLD = 32 << 20
+#: the threshold this process set (None: never set, glibc's dynamic one)
+mmap_threshold: int | None = None
+
+
+_M_TRIM_THRESHOLD = -1
+_DEFAULT_TRIM_THRESHOLD = 128 << 10  # glibc's default
+
+
+def _set_mmap_threshold(size: int) -> None:
+    """Move a threshold ``pin_malloc_mmap_threshold`` pinned (nothing when none is pinned), and the
+    trim threshold with it as glibc's dynamic rule does (twice the mmap threshold; the default when
+    back at 1 MiB): with a raised mmap threshold but the 128 KiB trim threshold, a freed temporary
+    at the top of the heap is handed back at once and the next one faults its pages in again."""
+    global mmap_threshold
+    if not _threshold_pinned:
+        return
+    mallopt = ctypes.CDLL(None).mallopt
+    if mallopt(_M_MMAP_THRESHOLD, size):
+        mmap_threshold = size
+        mallopt(_M_TRIM_THRESHOLD, 2 * size if size > MMAP_THRESHOLD else _DEFAULT_TRIM_THRESHOLD)
+
+
+def _return_free_heap() -> None:
+    """Give the heap's free pages back to the system (glibc ``malloc_trim``)."""
+    if _threshold_pinned:
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 READ_CACHE_ENV = "COMPRESSKIT_READ_CACHE"
@@ -371,9 +408,17 @@ class LazyStore:
     # ------------------------------------------------------------------ read cache
     def hold_reads(self, budget: int | None = None) -> ReadHold:
         """Keep converted reads in host memory (up to ``budget`` bytes, default ``default_read_budget()``)
-        until the returned hold is closed; holds nest and share one cache (the first one sizes it)."""
+        until the returned hold is closed; holds nest and share one cache (the first one sizes it).
+
+        While held, the heap serves allocations below 32 MiB again (``HELD_MMAP_THRESHOLD``): a search
+        allocates and frees the same temporaries (its distances' softmax, fp64 copies) thousands of
+        times, and with every one of them a fresh mapping the kernel zeroes page by page, FinerCut's
+        distances ran 2.5-5x slower lazily than in memory. The last hold's close restores the 1 MiB
+        threshold and hands the heap's free pages back (``malloc_trim``), so the flat memory of the
+        sequential pass is what it was."""
         if self._read_cache is None:
             self._read_cache = ReadCache(default_read_budget() if budget is None else budget)
+            _set_mmap_threshold(HELD_MMAP_THRESHOLD)
         self._read_cache.holders += 1
         return ReadHold(self)
 
@@ -384,6 +429,8 @@ class LazyStore:
             if cache.holders <= 0:
                 cache.clear()
                 self._read_cache = None
+                _set_mmap_threshold(MMAP_THRESHOLD)
+                _return_free_heap()
 
     # ------------------------------------------------------------------ sources
     def ref(self, source: OriginalSource | SpillSource) -> LazyRef:
