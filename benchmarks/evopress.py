@@ -239,7 +239,7 @@ def run_depth(args) -> dict:
         plan.append((f"evopress {level}", "genes", (d["units"], d["genes"])))
     for label, kind, payload in plan:
         row = rows.get(label) or {"label": label}
-        if "ppl" in row:
+        if "ppl" in row or (args.eval_rows and label not in args.eval_rows.split(",")):
             continue
         m = model if kind is None else build(kind, payload)
         if kind == "sublayers":
@@ -256,18 +256,30 @@ def run_depth(args) -> dict:
     parents = d.get("parents") or []
     pick = parents if len(parents) <= args.track else [parents[round(i * (len(parents) - 1) / (args.track - 1))]
                                                        for i in range(args.track)]
+    # a parent whose genes are an evaluated row's (the seed = block greedy's blocks, the last = the result)
+    known = {}
+    for label, genes in (("block greedy", (d.get("seed_genes") or {}).get("block-greedy")),
+                         ("evopress sublayer", d.get("genes"))):
+        row = rows.get(label) or {}
+        if genes is not None and "ppl" in row:
+            known[tuple(genes)] = (row["ppl"], label)
     track = rows.data.setdefault("tracking", [])
     done = {t["generation"] for t in track}
-    for p in pick:
+    for p in pick if (not args.eval_rows or "tracking" in args.eval_rows.split(",")) else []:
         if p["generation"] in done:
             continue
-        m = build("genes", (d["units"], p["genes"]))
-        ppl = windowed_perplexity(m.float(), ids, args.eval_seqlen, max_windows=args.eval_windows, device="cpu")
-        track.append({"generation": p["generation"], "fitness": p["fitness"], "ppl": ppl["value"],
-                      "origin": p.get("origin")})
+        if tuple(p["genes"]) in known:
+            value, same_as = known[tuple(p["genes"])]
+        else:
+            m = build("genes", (d["units"], p["genes"]))
+            value = windowed_perplexity(m.float(), ids, args.eval_seqlen, max_windows=args.eval_windows,
+                                        device="cpu")["value"]
+            same_as = None
+            del m
+        track.append({"generation": p["generation"], "fitness": p["fitness"], "ppl": value,
+                      "origin": p.get("origin"), "same_as_row": same_as})
         rows.put(rows.get("evopress sublayer"))
-        print("parent at generation", p["generation"], "KL", p["fitness"], "ppl", ppl["value"], flush=True)
-        del m
+        print("parent at generation", p["generation"], "KL", p["fitness"], "ppl", value, flush=True)
     plot_history(rows.data, (args.out or RESULTS / "evopress_depth.json").with_suffix(".png"))
     return rows.data
 
@@ -522,6 +534,8 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=4)
     ap.add_argument("--piqa-limit", type=int, default=0)
     ap.add_argument("--track", type=int, default=5, help="depth: parents whose held-out ppl is measured")
+    ap.add_argument("--eval-rows", default=None,
+                    help="depth: evaluate only these rows (comma-separated labels; 'tracking' for the parents)")
     ap.add_argument("--levels", default="sublayer,block",
                     help="depth: the EvoPress searches this process runs (another process may run the others into "
                          "the same --out; rows are merged)")
