@@ -110,8 +110,12 @@ class Rows:
         if not self.path.exists():
             return
         theirs = json.loads(self.path.read_text())
-        mine = {r["label"] for r in self.data["rows"]}
-        self.data["rows"] += [r for r in theirs.get("rows", []) if r["label"] not in mine]
+        mine = {r["label"]: i for i, r in enumerate(self.data["rows"])}
+        for r in theirs.get("rows", []):
+            if r["label"] not in mine:
+                self.data["rows"].append(r)
+            elif "ppl" in r and "ppl" not in self.data["rows"][mine[r["label"]]]:  # evaluated meanwhile
+                self.data["rows"][mine[r["label"]]] = r
         seen = {t["generation"] for t in self.data.get("tracking", [])}
         extra = [t for t in theirs.get("tracking", []) if t["generation"] not in seen]
         if extra and theirs.get("evaluation") == self.data.get("evaluation"):
