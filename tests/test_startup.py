@@ -49,7 +49,7 @@ def test_help_inspect_and_option_errors_import_no_heavy_library(tmp_path):
     ckpt = tmp_path / "ckpt"  # inspect reads only the manifest
     ckpt.mkdir()
     Manifest(method="magnitude", base_model="tiny").write(ckpt)
-    argvs = [["--help"], *([c, "--help"] for c in ("prune", "eval", "inspect", "analyze", "finetune", "compare", "run")),
+    argvs = [["--help"], *([c, "--help"] for c in ("prune", "eval", "inspect", "analyze", "finetune", "heal", "compare", "run")),
              ["inspect", str(ckpt)], ["inspect", str(ckpt), "--json"],
              ["prune", "--model", "m", "--out", str(tmp_path / "o"), "--method", "nope"],  # unknown method
              ["prune", "--model", "m", "--out", str(tmp_path / "o"), "--method", "wanda", "--owl-m", "3"],
@@ -59,6 +59,11 @@ def test_help_inspect_and_option_errors_import_no_heavy_library(tmp_path):
              ["prune", "--model", "m", "--out", str(tmp_path / "o"), "--method", "welore", "--sparsity", "0.5"],
              *(["prune", "--model", "m", "--out", str(tmp_path / "o"), "--method", "cdmoe", flag, "x"]
                for flag in ("--shared-gate", "--distance", "--expert-weight", "--expert-stop")),
+             ["prune", "--model", "m", "--out", str(tmp_path / "o"), "--method", "evopress", "--sparsity", "0.7",
+              "--seed-from", "nope"],
+             ["prune", "--model", "m", "--out", str(tmp_path / "o"), "--method", "evopress", "--level", "sublayer",
+              "--remove", "0.25", "--pruner", "wanda"],
+             ["heal", str(ckpt), "--data", "demo", "--out", str(tmp_path / "o"), "--loss", "nope"],
              ["prune", "--model", "m", "--method", "wanda"],  # missing --out: a usage error
              ["eval", "--seqlen", "many"],  # a usage error
              ["eval", str(ckpt), "--limit", "many"], ["eval"]]  # checked by the command before it imports
