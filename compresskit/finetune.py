@@ -141,7 +141,7 @@ def finetune(
 def _read_input_manifest(checkpoint: Path) -> Manifest:
     """The input's manifest, or the real reason it cannot be fine-tuned (missing, not a
     checkpoint, a structure this version cannot rebuild, no low-rank factors)."""
-    from .checkpoint.io import known_structure_kinds
+    from .checkpoint.structure import known_structure_kinds
 
     if not checkpoint.exists():
         raise InputError(f"checkpoint {checkpoint} does not exist; {GIVE_A_CHECKPOINT}")

@@ -217,7 +217,7 @@ def test_existing_output_needs_force(cli, tiny_model_dir, sotu_jsonl, tmp_path):
 
 
 def test_interrupted_save_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
-    from compresskit.checkpoint import io as ckpt_io
+    from compresskit.checkpoint.manifest import Manifest
 
     src = tiny_model_dir("llama")
     out = tmp_path / "o"
@@ -225,7 +225,7 @@ def test_interrupted_save_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt_io.Manifest, "write", boom)
+    monkeypatch.setattr(Manifest, "write", boom)
     with pytest.raises(KeyboardInterrupt):
         compresskit.prune(str(src), "magnitude", sparsity=0.5, out=out, device="cpu")
     assert not out.exists()

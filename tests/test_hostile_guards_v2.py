@@ -380,7 +380,7 @@ def test_checkpoint_recognition(ctx):
 def test_the_save_rechecks_the_output_at_the_end(ctx):
     """A foreign file that appears in the output while the model is compressed is not deleted by the
     final swap: the save refuses, and the temporary folder is removed."""
-    from compresskit.checkpoint.io import atomic_directory
+    from compresskit.checkpoint.writer import atomic_directory
     from compresskit.errors import OutputError
 
     ck = ctx.tmp / "ck"

@@ -81,7 +81,7 @@ def test_only_rank_0_prints_errors_and_warnings(monkeypatch, tiny_model_dir, tmp
 def test_sigterm_during_save_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
     """Mirror of test_cli_e2e.test_interrupted_save_leaves_nothing (Ctrl-C), with a real SIGTERM
     delivered to this process while the checkpoint is being written."""
-    from compresskit.checkpoint import io as ckpt_io
+    from compresskit.checkpoint.manifest import Manifest
 
     def sigterm(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -91,7 +91,7 @@ def test_sigterm_during_save_leaves_nothing(tiny_model_dir, tmp_path, monkeypatc
     def default_handler(*_):  # what the default action (end the process, no clean-up) stands for here
         raise AssertionError("SIGTERM reached the handler the CLI should have replaced")
 
-    monkeypatch.setattr(ckpt_io.Manifest, "write", sigterm)
+    monkeypatch.setattr(Manifest, "write", sigterm)
     before = signal.signal(signal.SIGTERM, default_handler)
     out = tmp_path / "o"
     try:

@@ -21,14 +21,13 @@ free and stops with one line naming the memory needed when it does not fit.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import torch
 
 from ..errors import InputError
+from ..models.source import HUB_ID
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 GIB = 2 ** 30
 
 
@@ -43,7 +42,7 @@ def teacher_source(base_model: str | None, teacher: str | None) -> str:
                          "(the dense model it was compressed from)")
     if is_builtin(base_model) or Path(base_model).expanduser().exists():
         return base_model
-    if base_model.startswith(("/", ".", "~")) or not _HUB_ID.match(base_model):
+    if base_model.startswith(("/", ".", "~")) or not HUB_ID.match(base_model):
         raise InputError(f"the checkpoint's base model {base_model} is not there any more; pass --teacher MODEL "
                          "(the dense model it was compressed from) or use --loss ce")
     return base_model  # a Hub id: load_model answers in one line when the Hub cannot be reached

@@ -51,7 +51,7 @@ class HealOutcome:
 
 
 def _read_input(checkpoint: Path) -> Manifest:
-    from ..checkpoint.io import known_structure_kinds
+    from ..checkpoint.structure import known_structure_kinds
 
     if not checkpoint.exists():
         raise InputError(f"checkpoint {checkpoint} does not exist; {GIVE_A_CHECKPOINT}")

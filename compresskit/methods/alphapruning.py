@@ -39,11 +39,11 @@ def matrix_alphas(job: PruneJob, metric: str) -> tuple[list[str], list[int], lis
     spectra), so a lazily loaded model never holds more than one block."""
     from ..allocation.alpha import esd_metric
     from ..analysis.spectra import model_singular_values, weights_fingerprint
-    from .sparsify import _expert_scope, onloaded_weights, target_linears
+    from .sparsify import expert_scope, onloaded_weights, target_linears
 
     names, blocks, numels = [], [], []
     for i in range(job.adapter.num_blocks):
-        with _expert_scope(job, i):
+        with expert_scope(job, i):
             for local, module in target_linears(job, i).items():
                 names.append(f"{job.adapter.block_name(i)}.{local}")
                 blocks.append(i)

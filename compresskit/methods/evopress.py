@@ -267,10 +267,10 @@ register(
 def block_scope(job: PruneJob, i: int):
     """Block ``i`` on the compute device with its targeted linears (fused experts per expert)."""
     from ..models.placement import onload
-    from .sparsify import _expert_scope, target_linears
+    from .sparsify import expert_scope, target_linears
 
     block = job.adapter.block(i)
-    with onload(block, job.device), _expert_scope(job, i):
+    with onload(block, job.device), expert_scope(job, i):
         yield block, target_linears(job, i)
 
 
@@ -330,7 +330,7 @@ def run_sparsity_search(job: PruneJob, config: EvoPressConfig) -> MethodResult:
     from ..search.levels import LevelPlan, default_level_step
     from ..search.sparsity import LevelModel, build_database, list_units
     from ..search.state import save_search_state
-    from .sparsify import _expert_scope, collect_block_statistics, onloaded_weights, target_linears
+    from .sparsify import expert_scope, collect_block_statistics, onloaded_weights, target_linears
 
     t0 = time.perf_counter()
     adapter, sparsity = job.adapter, float(job.sparsity)
@@ -340,7 +340,7 @@ def run_sparsity_search(job: PruneJob, config: EvoPressConfig) -> MethodResult:
 
     @contextmanager
     def linears_of(i):
-        with _expert_scope(job, i):
+        with expert_scope(job, i):
             yield target_linears(job, i)
 
     units = list_units(adapter, linears_of)

@@ -51,11 +51,11 @@ def outlier_ratios(job: PruneJob, m: float) -> list[float | None]:
 def block_params(job: PruneJob) -> list[int]:
     """Each block's targeted decoder-linear parameters (shapes only, no weight read): the weights
     of the budget, which blocks of unequal size (MoE, condensed, removed sublayers, low rank) need."""
-    from .sparsify import _expert_scope, target_linears
+    from .sparsify import expert_scope, target_linears
 
     sizes = []
     for i in range(job.adapter.num_blocks):
-        with _expert_scope(job, i):
+        with expert_scope(job, i):
             sizes.append(sum(module.weight.numel() for module in target_linears(job, i).values()))
     return sizes
 

@@ -52,7 +52,7 @@ def onloaded_weights(job: PruneJob, device=None, unfused: bool = True, only=None
     each block materialised through ``onload`` only while its weights are consumed (consume the
     generator fully)."""
     for i in range(job.adapter.num_blocks):
-        with onload(job.adapter.block(i), device or job.device), (_expert_scope(job, i) if unfused else nullcontext()):
+        with onload(job.adapter.block(i), device or job.device), (expert_scope(job, i) if unfused else nullcontext()):
             prefix = job.adapter.block_name(i)
             for local, module in target_linears(job, i).items():
                 if only is None or f"{prefix}.{local}" in only:
@@ -62,7 +62,7 @@ def onloaded_weights(job: PruneJob, device=None, unfused: bool = True, only=None
 def check_selection(job: PruneJob) -> None:
     """--include / --exclude must leave at least one decoder linear to compress; fail before any work."""
     for i in range(job.adapter.num_blocks):
-        with _expert_scope(job, i):
+        with expert_scope(job, i):
             if target_linears(job, i):
                 return
     given = " and ".join(f"--{k} {v!r}" for k, v in (("include", job.include), ("exclude", job.exclude)) if v)
@@ -77,7 +77,7 @@ def validate_pattern(job: PruneJob, patterns: list[Pattern]) -> None:
         pattern = patterns[i]
         if pattern.kind != "nm":
             continue
-        with _expert_scope(job, i):
+        with expert_scope(job, i):
             for local, module in target_linears(job, i).items():
                 try:
                     check_divisible(module.in_features, pattern)
@@ -85,7 +85,7 @@ def validate_pattern(job: PruneJob, patterns: list[Pattern]) -> None:
                     raise InputError(f"{job.adapter.block_name(i)}.{local}: {exc}") from None
 
 
-def _expert_scope(job: PruneJob, i: int):
+def expert_scope(job: PruneJob, i: int):
     unfuse = getattr(job.adapter, "unfused_experts", None)
     return unfuse(i) if unfuse is not None else nullcontext()
 
@@ -106,7 +106,7 @@ def _runner(job: PruneJob, calib, report) -> SequentialRunner:
         batch_size=job.batch_size,
         offload_activations=job.offload_activations,
         progress=report,
-        block_context=lambda i: _expert_scope(job, i),
+        block_context=lambda i: expert_scope(job, i),
     )
 
 
@@ -173,7 +173,7 @@ def prune_blocks(
     if spec.needs == "none":
         # Magnitude needs no data: no forward passes at all.
         for i in range(n_blocks):
-            with onload(job.adapter.block(i), job.device), _expert_scope(job, i):
+            with onload(job.adapter.block(i), job.device), expert_scope(job, i):
                 for local, module in target_linears(job, i).items():
                     prune_matrix(i, local, module, None)
             report(i + 1, n_blocks, job.adapter.block_name(i))
@@ -265,7 +265,7 @@ def plan_activation_memory(job: PruneJob, budget: int | None, needs: str,
         block = adapter.blocks[i]
         size = sum(t.numel() * t.element_size() for t in [*block.parameters(), *block.buffers()])
         parameter_bytes = max(parameter_bytes, size)
-        with _expert_scope(job, i):
+        with expert_scope(job, i):
             shapes = [tuple(m.weight.shape) for m in target_linears(job, i).values()]
         widest = max([widest, *(o for o, _ in shapes)])
         stats = max(stats, statistic_bytes(shapes, needs))
