@@ -369,22 +369,8 @@ def reusable_allocation_rows(args) -> dict[str, dict]:
     return out
 
 
-def alpha_seed_epsilon(epsilon: float) -> None:
-    """EvoPress's ``alphapruning`` seed uses AlphaPruning's default ε = 0.3, which asks one SmolLM2
-    block for 102 % at 70 % and is refused; the seed here uses the ε of the AlphaPruning row (0.2)."""
-    import compresskit.allocation.alpha as alpha
-
-    original = alpha.allocate_alpha
-
-    def allocate(alphas, blocks, sizes, sparsity, eps, *rest, **kw):
-        return original(alphas, blocks, sizes, sparsity, epsilon, *rest, **kw)
-
-    alpha.allocate_alpha = allocate
-
-
 def run_sparsity(args) -> dict:
     sotu = shared_data_dir() / "corpora" / "sotu.jsonl"
-    alpha_seed_epsilon(0.2)
     options = {k: v for k, v in {"schedule": args.schedule, "generations": args.generations, "offspring": args.offspring,
                                  "tokens": args.tokens, "survivors": args.survivors, "seed": args.search_seed}.items()
                if v is not None}

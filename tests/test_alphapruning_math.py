@@ -193,3 +193,23 @@ def test_weightwatcher_metrics_name_the_missing_package():
             esd_metric([1.0, 2.0, 3.0], "stable_rank")
     else:
         pytest.skip("weightwatcher is installed")
+
+
+def test_feasible_allocation_keeps_epsilon_when_it_fits_and_lowers_it_to_the_edge_when_not():
+    import pytest
+
+    from compresskit.allocation.alpha import allocate_alpha, feasible_alpha_allocation
+    from compresskit.errors import InputError
+
+    alphas, blocks, sizes = [2.0, 3.0, 4.0, 6.0], [0, 1, 2, 3], [100, 100, 100, 100]
+    ratios, eps = feasible_alpha_allocation(alphas, blocks, sizes, 0.5, 0.3)
+    assert eps == 0.3 and ratios == allocate_alpha(alphas, blocks, sizes, 0.5, 0.3)
+    # at 85 % ε = 0.3 asks the last block for more than everything: refused by the method, lowered for a seed
+    with pytest.raises(InputError, match="outside"):
+        allocate_alpha(alphas, blocks, sizes, 0.85, 0.3)
+    ratios, eps = feasible_alpha_allocation(alphas, blocks, sizes, 0.85, 0.3)
+    assert 0.0 < eps < 0.3
+    assert max(ratios) < 1.0 and min(ratios) >= 0.0
+    assert abs(sum(r * n for r, n in zip(ratios, sizes)) - 0.85 * sum(sizes)) < 1e-9  # the budget is kept
+    with pytest.raises(InputError):  # and it is the edge: a little more ε is infeasible
+        allocate_alpha(alphas, blocks, sizes, 0.85, eps + 2e-4)

@@ -301,3 +301,18 @@ def test_lazy_model_holds_one_block_at_a_time(tiny_dir, tmp_path, calib, monkeyp
     assert outcome.manifest.hyperparameters["loading"].startswith("lazy")
     assert seen and max(seen) == 1
     assert all(p.is_meta for b in outcome.model.model.layers for p in b.parameters())
+
+
+def test_all_three_heuristic_seeds_join_with_their_exact_budget_and_the_search_is_never_worse(tiny_dir, tmp_path,
+                                                                                             calib):
+    """``--seed-from uniform,owl,alphapruning``: every seed is scored, the final fitness is at most the
+    best seed's, the budget is exact, and AlphaPruning's ε is recorded (lowered only where 0.3 cannot fit)."""
+    outcome = api.prune(str(tiny_dir), "evopress", sparsity=0.7, pruner="wanda", calib=calib, out=tmp_path / "seeded",
+                        method_options={**FAST, "seed_from": "uniform,owl,alphapruning"}, **RUN)
+    d = outcome.manifest.method_details
+    assert set(d["seed_fitness"]) == {"uniform", "owl", "alphapruning"}
+    assert d["final_fitness"] <= min(d["seed_fitness"].values())
+    assert d["seed_winner"] in d["seed_fitness"]
+    assert d["achieved_zeros"] == d["target_zeros"] == outcome.manifest.sparsity["decoder_linear_zeros"]
+    eps = d["seed_settings"]["alphapruning"]
+    assert 0.0 <= eps["alpha_epsilon"] <= 0.3 and eps["alpha_epsilon_lowered"] == (eps["alpha_epsilon"] < 0.3)

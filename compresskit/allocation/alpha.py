@@ -204,6 +204,38 @@ def allocate_alpha(
     return [float(r) for r in ratios]
 
 
+def feasible_alpha_allocation(
+    alphas_per_matrix: Sequence[float],
+    block_of_matrix: Sequence[int],
+    numel_of_matrix: Sequence[int],
+    sparsity: float,
+    epsilon: float,
+    mapping: str = "block_wise",
+    tolerance: float = 1e-4,
+) -> tuple[list[float], float]:
+    """``allocate_alpha`` at ``epsilon`` when its ratios stay in [0, 1), else at the largest smaller
+    ε that keeps them there (bisection to ``tolerance``; ε = 0 is uniform, always feasible):
+    ``(ratios, ε used)``. For allocations that must exist whatever the sparsity (EvoPress's
+    ``alphapruning`` seed); ``--method alphapruning`` itself refuses an infeasible ε instead."""
+
+    def allocate(eps: float) -> list[float] | None:
+        try:
+            return allocate_alpha(alphas_per_matrix, block_of_matrix, numel_of_matrix, sparsity, eps, mapping)
+        except InputError as exc:
+            if "outside [0,1)" not in str(exc):
+                raise
+            return None
+
+    ratios = allocate(epsilon)
+    if ratios is not None:
+        return ratios, float(epsilon)
+    lo, hi = 0.0, float(epsilon)
+    while hi - lo > tolerance:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if allocate(mid) is not None else (lo, mid)
+    return allocate(lo), lo
+
+
 def block_ratios(
     alphas_per_matrix: Sequence[float],
     block_of_matrix: Sequence[int],

@@ -292,16 +292,24 @@ def _owl_ratios(job: PruneJob, units, sparsity: float) -> list[float]:
     return [alloc.get(u.block, sparsity) for u in units]
 
 
-def _alpha_ratios(job: PruneJob, units, sparsity: float) -> list[float]:
-    """AlphaPruning's per-matrix sparsities (alpha_peak, ε = 0.3, block_wise: its method's defaults)."""
-    from ..allocation.alpha import allocate_alpha, esd_metric
+#: AlphaPruning's default ε (its method's --alpha-epsilon); the seed lowers it only when it is infeasible
+ALPHA_SEED_EPSILON = 0.3
+
+
+def _alpha_ratios(job: PruneJob, units, sparsity: float) -> tuple[list[float], float]:
+    """AlphaPruning's per-matrix sparsities (alpha_peak, block_wise, ε = 0.3: its method's defaults)
+    and the ε used. At high sparsity ε = 0.3 can ask a block for a ratio ≥ 1 (SmolLM2-135M at 70 %:
+    range 0.55..1.02), which ``--method alphapruning`` refuses; as a seed the allocation then uses
+    the largest ε ≤ 0.3 whose ratios stay in [0, 1) (bisection, 1e-4), recorded in the manifest."""
+    from ..allocation.alpha import esd_metric, feasible_alpha_allocation
     from ..analysis.spectra import model_singular_values, weights_fingerprint
     from .sparsify import onloaded_weights
 
     key = weights_fingerprint(onloaded_weights(job, "cpu"))
     sigma = model_singular_values(onloaded_weights(job), cache_key=key, device=job.device, progress=job.progress is None)
     alphas = [esd_metric(sigma[u.name].double() ** 2, "alpha_peak") for u in units]
-    return allocate_alpha(alphas, [u.block for u in units], [u.numel for u in units], sparsity, 0.3, "block_wise")
+    return feasible_alpha_allocation(alphas, [u.block for u in units], [u.numel for u in units], sparsity,
+                                     ALPHA_SEED_EPSILON)
 
 
 def _schedule(config: EvoPressConfig, name: str):
@@ -399,13 +407,17 @@ def run_sparsity_search(job: PruneJob, config: EvoPressConfig) -> MethodResult:
                         top_k=config.top_k, progress=report)
     seed_names = config.seeds()
     seed_vectors: dict[str, list[int]] = {}
+    seed_settings: dict[str, dict] = {}
     for name in seed_names:
         if name == "uniform":
             seed_vectors[name] = [0] * len(units)
         elif name == "owl":
             seed_vectors[name] = plan.from_ratios(_owl_ratios(job, units, sparsity))
         else:
-            seed_vectors[name] = plan.from_ratios(_alpha_ratios(job, units, sparsity))
+            ratios, alpha_epsilon = _alpha_ratios(job, units, sparsity)
+            seed_vectors[name] = plan.from_ratios(ratios)
+            seed_settings[name] = {"alpha_epsilon": round(alpha_epsilon, 4),
+                                   "alpha_epsilon_lowered": alpha_epsilon < ALPHA_SEED_EPSILON}
     directory = _state_dir(job)
     state_key = {"database": db.digest, "seeds": seed_names, "seed_levels": {k: v for k, v in seed_vectors.items()},
                  "search_seed": config.seed, "offspring": schedule.offspring,
@@ -466,6 +478,7 @@ def run_sparsity_search(job: PruneJob, config: EvoPressConfig) -> MethodResult:
         "kl": "full" if not fitness.top_k else f"top-{fitness.top_k}",
         "search_seed": config.seed,
         "seeds": seed_names,
+        "seed_settings": seed_settings,
         "seed_fitness": final.seed_fitness,
         "seed_winner": final.parent_origin,
         "final_fitness": final.parent_fitness,
