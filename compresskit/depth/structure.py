@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from compresskit.checkpoint.io import register_structure_kind
+from compresskit.checkpoint.structure import register_structure_kind
 from compresskit.errors import CheckpointError
 
 KIND = "removed_sublayers"
