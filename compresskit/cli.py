@@ -488,6 +488,24 @@ def _sigterm_like_sigint():
         return None
 
 
+#: seconds a torchrun rank other than 0 waits before exiting on a user error (see ``_exit_silently``)
+RANK_ERROR_GRACE_S = 10.0
+
+
+def _exit_silently(code: int) -> None:
+    """A torchrun rank other than 0 that met a user error: exit with ``code`` after giving rank 0
+    (which meets the same error) up to ``RANK_ERROR_GRACE_S`` to print its one line — torchrun ends
+    every rank as soon as one exits non-zero, so a quick rank 1 could otherwise end rank 0 before
+    it spoke. torchrun's SIGTERM during the wait ends it quietly."""
+    import time
+
+    try:
+        time.sleep(RANK_ERROR_GRACE_S)
+    except KeyboardInterrupt:
+        pass
+    sys.exit(code)
+
+
 def main() -> None:
     import signal
 
@@ -495,7 +513,10 @@ def main() -> None:
     _terminated = False
     previous_sigterm = _sigterm_like_sigint()
     try:
-        _main()
+        try:
+            _main()
+        except KeyboardInterrupt:  # a signal before _main's own handlers were in place (its first imports)
+            _exit_interrupted()
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
@@ -516,13 +537,15 @@ def _main() -> None:
         sys.exit(0)
     except click_exc.UsageError as exc:
         path = exc.ctx.command_path if exc.ctx is not None else "compresskit"
-        if _speaks():
-            err_console.print(f"error: {exc.format_message()} (see: {path} --help)", highlight=False, markup=False,
-                              soft_wrap=True)
+        if not _speaks():
+            _exit_silently(2)
+        err_console.print(f"error: {exc.format_message()} (see: {path} --help)", highlight=False, markup=False,
+                          soft_wrap=True)
         sys.exit(2)
     except CompressKitError as exc:
-        if _speaks():
-            err_console.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
+        if not _speaks():
+            _exit_silently(exc.exit_code)
+        err_console.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside typer's call: the same clean-up ran on the way here
         _exit_interrupted()

@@ -182,7 +182,9 @@ def test_uniform_seed_fitness_is_the_kl_of_magnitude_pruning_and_the_search_beat
     assert d["seed_fitness"]["uniform"] == pytest.approx(expected, rel=1e-4)
 
 
-def test_deterministic_and_database_reuse_is_bit_identical(tiny_dir, tmp_path, calib):
+def test_deterministic_and_database_reuse_is_bit_identical(tiny_dir, tmp_path, calib, monkeypatch):
+    # a cache of its own: another test (or xdist worker) searching the same tiny model would build this key first
+    monkeypatch.setenv("COMPRESSKIT_CACHE_DIR", str(tmp_path / "cache"))
     first = _prune(tiny_dir, tmp_path / "a", calib)
     second = _prune(tiny_dir, tmp_path / "b", calib, load="in-memory")
     a, b = first.manifest.method_details, second.manifest.method_details

@@ -63,8 +63,11 @@ def test_only_rank_0_prints_errors_and_warnings(monkeypatch, tiny_model_dir, tmp
 
     for name, value in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}.items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setattr(cli, "RANK_ERROR_GRACE_S", 0.3)  # rank 1 waits for rank 0 to speak (10 s in use)
+    t0 = time.monotonic()
     res = run_cli(*args)
     assert (res.exit_code, res.stderr) == (2, "") and warn() == ""
+    assert time.monotonic() - t0 >= 0.3
     monkeypatch.setenv("RANK", "0")
     res = run_cli(*args)
     assert res.exit_code == 2 and res.stderr.startswith("error: --sparsity must be in [0, 1)"), res.stderr
