@@ -24,7 +24,9 @@ from typing import Any, Callable
 
 import torch
 
+from ..calibration import CalibrationSpec, load_calibration
 from ..errors import InputError
+from ..evaluation.perplexity import windowed_perplexity
 from ..lowrank.finetune_utils import cosine_with_warmup
 from ..training_state import PeakMemory, load_train_state, save_train_state
 from .settings import DEFAULT_SEQLEN, TrainSettings, default_warmup  # noqa: F401 (the trainer's names)
@@ -33,7 +35,6 @@ Progress = Callable[[str, int, int, str], None]
 # --------------------------------------------------------------------------- data
 def training_windows(settings: TrainSettings, tokenizer) -> tuple[torch.Tensor, torch.Tensor | None, list[dict]]:
     """``steps × batch_size`` rows of ``seqlen`` tokens, interleaved over the ``data`` sources."""
-    from ..calibration import CalibrationSpec, load_calibration
 
     total = settings.steps * settings.batch_size
     per_source = math.ceil(total / len(settings.data))
@@ -113,7 +114,6 @@ def evaluate_heldout(model, eval_ids: torch.Tensor | None, settings: TrainSettin
     """Held-out perplexity at ``step`` (the curve's point; ``train_tokens`` = tokens trained on so far)."""
     if eval_ids is None:
         return None
-    from ..evaluation.perplexity import windowed_perplexity
 
     was_training = model.training
     model.eval()

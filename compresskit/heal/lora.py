@@ -31,8 +31,10 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import check_output_dir, load
 from ..errors import InputError
 from .settings import parse_targets  # noqa: F401 (heal --lora-targets)
+from .trainables import apply_masks
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
 RECORD = "heal.json"
@@ -62,7 +64,6 @@ def lora_parameters(peft_model) -> dict[str, torch.nn.Parameter]:
 def merge(peft_model, masks: dict[str, torch.Tensor]):
     """Fold the adapters into the weights and re-zero the pruned entries (``masks``: weight name of
     the unwrapped model → True where pruned)."""
-    from .trainables import apply_masks
 
     model = peft_model.merge_and_unload()
     apply_masks(model, masks)
@@ -82,7 +83,6 @@ def is_adapter_dir(path: Path) -> bool:
 def check_adapter_output(out: Path, force: bool, inputs: list) -> None:
     """Before any work: ``out`` may be new, or (with ``force``) an earlier adapter directory of
     ``heal`` holding nothing else; otherwise the checkpoint rules of ``check_output_dir``."""
-    from ..checkpoint import check_output_dir
 
     out = Path(out).expanduser()
     if out.is_dir() and is_adapter_dir(out):
@@ -127,7 +127,6 @@ def load_healed(path: str | Path, device: str = "cpu"):
     """The healed model at ``path``: a checkpoint (``compresskit.load``), or a heal adapter
     directory (its base checkpoint loaded with ``compresskit.load`` and the adapter applied by
     ``peft.PeftModel.from_pretrained``)."""
-    from ..checkpoint import load
 
     path = Path(path).expanduser()
     if not is_adapter_dir(path):

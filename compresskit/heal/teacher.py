@@ -25,15 +25,19 @@ from pathlib import Path
 
 import torch
 
+from ..analysis.distances import top_k_logits
 from ..errors import InputError
+from ..models.builtin import is_builtin
+from ..models.loading import load_model
 from ..models.source import HUB_ID
+from ..training_state import training_memory_bytes
+from .loop import autocast
 
 GIB = 2 ** 30
 
 
 def teacher_source(base_model: str | None, teacher: str | None) -> str:
     """The teacher to load, or one line saying why there is none."""
-    from ..models.builtin import is_builtin
 
     if teacher:
         return teacher
@@ -67,7 +71,6 @@ def check_same_vocabulary(teacher, teacher_tokenizer, student, student_tokenizer
 
 def load_teacher(source: str, device: torch.device, revision: str | None = None):
     """``(model, tokenizer)`` in eval mode without gradients: fp32 on CPU, bf16 on CUDA."""
-    from ..models.loading import load_model
 
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     model, tokenizer = load_model(source, dtype=dtype, device=str(device), revision=revision)
@@ -78,8 +81,6 @@ def load_teacher(source: str, device: torch.device, revision: str | None = None)
 
 def teacher_logits(teacher, batch: dict, device: torch.device, top_k: int | None):
     """The teacher's logits (or top-K ``(values, ids)``) for ``batch``, on ``device``."""
-    from ..analysis.distances import top_k_logits
-    from .loop import autocast
 
     tdev = next(teacher.parameters()).device
     inputs = {k: v.to(tdev) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
@@ -121,7 +122,6 @@ def training_estimate(*, student_params: int, trainable: int, batch_tokens: int,
     """Rough bytes of training the student: weights, fp32 gradients + AdamW moments of the trainable
     tensors, activations (~20 hidden-sized fp32 tensors per layer and token, 2 with checkpointing)
     and the logits (student logits, their gradient and the loss's softmax copies: ~4 of them)."""
-    from ..training_state import training_memory_bytes
 
     per_layer = 2 if grad_checkpointing else 20
     return {"weights": student_params * student_bytes_per_param,

@@ -29,8 +29,11 @@ import torch
 from ..checkpoint import Manifest
 from ..errors import InputError
 from ..lowrank.layer import LowRankLinear
-
+from ..methods import METHODS, available_methods
+from ..models import get_adapter
+from .loop import StepHooks
 from .settings import TRAIN_MODES  # noqa: E402
+
 #: stages that change weights but not the kind
 _TRAINING_METHODS = ("heal", "finetune")
 
@@ -55,7 +58,6 @@ def declared_trainable_modules(manifest: Manifest) -> list[str]:
 
 def checkpoint_kinds(manifest: Manifest) -> list[str]:
     """The compression kinds of a checkpoint (see the module docstring), in a fixed order."""
-    from ..methods import METHODS, available_methods
 
     available_methods()  # loads the registry
     kinds: set[str] = set()
@@ -172,7 +174,6 @@ def _reap_params(model, adapter) -> dict[str, torch.nn.Parameter]:
 def plan_training(model, manifest: Manifest, mode: str) -> TrainPlan:
     """The trainable tensors of ``mode`` for this checkpoint (``lora``: only the kinds and masks;
     the adapters are added by ``heal/lora.py``)."""
-    from ..models import get_adapter
 
     if mode not in TRAIN_MODES:
         raise InputError(f"unknown --train {mode!r}; choose one of {', '.join(TRAIN_MODES)}")
@@ -232,7 +233,6 @@ def plan_training(model, manifest: Manifest, mode: str) -> TrainPlan:
 def mask_hooks(params: dict[str, torch.nn.Parameter], masks: dict[str, torch.Tensor]):
     """``StepHooks`` that keep every masked entry exactly zero: its gradient zeroed before the step
     (so AdamW's moments stay zero there) and the weight re-zeroed after it."""
-    from .loop import StepHooks
 
     if not masks:
         return StepHooks()

@@ -22,13 +22,23 @@ from typing import Any
 import torch
 
 from ..checkpoint import Manifest, check_output_dir, load_with_tokenizer, save_checkpoint
+from ..checkpoint.structure import known_structure_kinds
 from ..errors import InputError
+from ..evaluation.perplexity import perplexity_tokens
+from ..evaluation.sparsity import count_parameters, measure_sparsity
+from ..models import get_adapter
+from ..models.builtin import builtin_model_dir, is_builtin
+from ..models.context import fit_seqlen
+from ..models.loading import resolve_device, resolve_dtype
 from ..training_state import remove_train_state, state_dir_for, training_memory_bytes
 from .loop import (DEFAULT_SEQLEN, Progress, default_warmup, evaluate_heldout, freeze_all_but, prepare, run_training,
                    training_windows, unprepare)
+from .lora import add_lora, check_adapter_output, lora_parameters, merge, parse_targets, save_adapter
 from .losses import healing_loss
 from .settings import DEFAULT_LORA_RANK, HealSettings, parse_tokens  # noqa: F401 (heal's public names)
-from .trainables import plan_training
+from .teacher import (check_memory, check_same_vocabulary, load_teacher, teacher_logits, teacher_source,
+                      training_estimate, weight_bytes)
+from .trainables import mask_hooks, plan_training
 
 GIVE_A_CHECKPOINT = "give a directory written by compresskit prune (any method) or an earlier compresskit heal"
 @dataclass
@@ -51,8 +61,6 @@ class HealOutcome:
 
 
 def _read_input(checkpoint: Path) -> Manifest:
-    from ..checkpoint.structure import known_structure_kinds
-
     if not checkpoint.exists():
         raise InputError(f"checkpoint {checkpoint} does not exist; {GIVE_A_CHECKPOINT}")
     if not checkpoint.is_dir():
@@ -68,9 +76,6 @@ def _read_input(checkpoint: Path) -> Manifest:
 def _teacher_load_bytes(source: str, device: torch.device) -> int:
     """Bytes of the teacher's weights once loaded (fp32 on CPU, bf16 on CUDA), from its files."""
     import json
-
-    from ..models.builtin import builtin_model_dir, is_builtin
-    from .teacher import weight_bytes
 
     path = builtin_model_dir(source) if is_builtin(source) else Path(source).expanduser()
     stored = weight_bytes(path)
@@ -102,9 +107,6 @@ def heal(
     progress: Progress | None = None,
 ) -> HealOutcome:
     """Heal ``checkpoint`` and write the result to ``out`` (see the module docstring)."""
-    from ..models.context import fit_seqlen
-    from ..models.loading import resolve_device, resolve_dtype
-    from .teacher import check_memory, check_same_vocabulary, load_teacher, teacher_source, training_estimate
 
     t_start = time.perf_counter()
     settings.check_options()
@@ -118,8 +120,6 @@ def heal(
     inputs = [checkpoint, *local_sources, *([teacher_name] if teacher_name and Path(teacher_name).exists() else [])]
     adapter_out = settings.train == "lora" and not settings.merge
     if adapter_out:
-        from .lora import check_adapter_output
-
         check_adapter_output(Path(out), force, inputs)
     else:
         check_output_dir(out, force, input_path=checkpoint, inputs=inputs[1:])
@@ -144,8 +144,6 @@ def heal(
     plan = plan_training(model, source_manifest, settings.train)
     peft_model = None
     if settings.train == "lora":
-        from .lora import add_lora, lora_parameters, parse_targets
-
         with torch.random.fork_rng(devices=[]):  # the adapters' initialisation is a function of --seed
             torch.manual_seed(settings.seed)
             peft_model = add_lora(model, settings.rank, settings.alpha, parse_targets(settings.lora_targets))
@@ -179,13 +177,10 @@ def heal(
     ids, mask, data_records = training_windows(settings, tokenizer)
     eval_ids = eval_info = None
     if settings.eval_data is not None:
-        from ..evaluation.perplexity import perplexity_tokens
-
         eval_ids, eval_info = perplexity_tokens(tokenizer, settings.eval_data, settings.seqlen)
     load_s = time.perf_counter() - t0
 
     # ---- train
-    from .trainables import mask_hooks
 
     prepare(student, dev, trainable, settings.grad_checkpointing)
     hooks = mask_hooks(trainable, plan.masks) if settings.train != "lora" else None
@@ -194,8 +189,6 @@ def heal(
         attention = batch.get("attention_mask")
         target = None
         if teacher is not None:
-            from .teacher import teacher_logits
-
             target = teacher_logits(teacher, batch, dev, spec.top_k)
         logits = m(input_ids=batch["input_ids"], attention_mask=attention).logits
         return healing_loss(spec, logits, batch["input_ids"], attention, target)
@@ -213,8 +206,6 @@ def heal(
                        "adapted_modules": sorted({n.split(".lora_")[0].removeprefix("base_model.model.")
                                                   for n in trainable})}
         if settings.merge:
-            from .lora import merge
-
             model = merge(peft_model, plan.masks)
             student = model
             lora_record["merge"] = ("merged, then the masks re-applied: the update at the pruned entries is dropped so "
@@ -263,8 +254,6 @@ def heal(
                     eval_source=eval_info, timings={"load_s": load_s, "train_s": run.train_s})
     manifest = _manifest(source_manifest, checkpoint, model, settings, plan, details, run_info)
     if adapter_out:
-        from .lora import save_adapter
-
         manifest.timings["total_s"] = time.perf_counter() - t_start
         record = manifest.model_dump()
         out_path = save_adapter(peft_model, Path(out), checkpoint.resolve(), record, force)
@@ -281,9 +270,6 @@ def heal(
 
 def _manifest(source: Manifest, checkpoint: Path, model, settings: HealSettings, plan, details: dict,
               run: dict) -> Manifest:
-    from ..evaluation.sparsity import count_parameters, measure_sparsity
-    from ..models import get_adapter
-
     record = source.model_dump(exclude={"stages"})
     record["sparsity"] = {k: v for k, v in source.sparsity.items() if k != "per_module"}
     record["path"] = str(checkpoint)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ..paths import cache_dir
 
 FORMAT_VERSION = 2
 META_FILE = "database.json"
@@ -43,8 +44,6 @@ SCORE_PRUNERS = ("magnitude", "wanda")
 
 
 def database_root() -> Path:
-    from ..paths import cache_dir
-
     return cache_dir() / "evopress"
 
 

@@ -38,7 +38,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..depth.candidates import Candidate, build_candidates
+from ..depth.finish import finish_removal
+from ..depth.greedy import OutputScorer, StopRule, greedy_search
+from ..depth.precision import float32_scoring
+from ..depth.removal import remove_sublayer, removed_kinds, sublayer_swaps
+from ..depth.report import block_params as param_basis
+from ..engine.replay import BlockReplay, swapped
 from ..errors import InputError
+from ..methods.base import MethodResult
+from ..models.placement import onload
+from .evolution import EvolutionState, depth_schedule, evolve
+from .fitness import KLFitness
 
 LEVELS = ("sublayer", "block")
 DEPTH_SEEDS = ("finercut", "block-greedy")
@@ -68,8 +79,6 @@ def depth_units(adapter, level: str, keep: str | None = None) -> tuple[list[Unit
     (0 for a unit whose module name matches the ``keep`` regex, else 1). Sublayers an earlier stage
     removed are no genes."""
     import re
-
-    from ..depth.candidates import build_candidates
 
     if level not in LEVELS:
         raise InputError(f"--method evopress --level must be one of {', '.join(LEVELS)} for a depth search, got {level!r}")
@@ -128,10 +137,6 @@ def depth_installer(adapter, units: list[Unit], device):
     modules are back on exit. Only module objects move: no weight is read for a removed sublayer."""
     from contextlib import contextmanager
 
-    from ..depth.removal import sublayer_swaps
-    from ..engine.replay import swapped
-    from ..models.placement import onload
-
     by_block: dict[int, list[int]] = {}
     for j, u in enumerate(units):
         by_block.setdefault(u.block, []).append(j)
@@ -164,9 +169,6 @@ def greedy_seed(replay, adapter, units: list[Unit], groups: list[int], high: lis
     withheld from the first step) with at most ``k`` removals of each type; ``block-greedy``: its
     greedy at the block level, ``k`` blocks. Runs on ``replay`` (the fitness's cache) and leaves
     both the model and the cache as they were."""
-    from ..depth.candidates import Candidate
-    from ..depth.greedy import OutputScorer, StopRule, greedy_search
-    from ..depth.removal import sublayer_swaps
 
     t0 = time.perf_counter()
     model = adapter.model
@@ -263,7 +265,6 @@ def parse_depth_seeds(value) -> list[str]:
 
 def resolve_schedule(config, units: int, removed: int):
     """The schedule by name (``fast`` / ``paper`` for depth genes) with the CLI's overrides."""
-    from .evolution import depth_schedule
 
     schedule = depth_schedule(_opt(config, "schedule", "fast") or "fast", units, removed)
     tokens = _opt(config, "tokens")
@@ -283,14 +284,6 @@ def resolve_schedule(config, units: int, removed: int):
 
 def run_depth_search(job, config):
     """``--method evopress --level sublayer|block``: the search, the removal, the manifest record."""
-    from ..depth.finish import finish_removal
-    from ..depth.precision import float32_scoring
-    from ..depth.removal import remove_sublayer, removed_kinds
-    from ..depth.report import block_params as param_basis
-    from ..engine.replay import BlockReplay
-    from ..methods.base import MethodResult
-    from .evolution import EvolutionState, evolve
-    from .fitness import KLFitness
 
     t0 = time.perf_counter()
     adapter = job.adapter

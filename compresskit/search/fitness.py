@@ -39,6 +39,7 @@ from torch import nn
 from ..analysis.distances import token_kl, top_k_logits
 from ..engine import distributed
 from ..engine.capture import CapturedInputs, capture_block_inputs
+from ..errors import InputError
 from ..models.placement import hold_reads, onload
 
 FULL_KL_BYTES = 1 << 30
@@ -111,8 +112,6 @@ class KLFitness:
             return 1, tokens
         need = -(-tokens // seqlen)
         if need > nsamples:
-            from ..errors import InputError
-
             raise InputError(f"a selection stage of {tokens} tokens needs {need} calibration samples of {seqlen} tokens; "
                              f"there are {nsamples}: raise --nsamples or lower --tokens")
         return need, seqlen

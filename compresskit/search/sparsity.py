@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..pruning import PRUNERS, Pattern, wanda_scores
 from .database import LevelDatabase, level_codes, top_up
 from .levels import LevelPlan
 
@@ -103,8 +104,6 @@ class LevelModel:
 
 @torch.no_grad()
 def _unit_codes(db: LevelDatabase, unit: Unit, zeros: list[int], weight: torch.Tensor, stat, pruner: str) -> None:
-    from ..pruning import wanda_scores
-
     if pruner == "wanda" and stat is not None:
         code = level_codes(wanda_scores(weight, stat), zeros, per_row=True)
     else:  # magnitude, or a matrix no calibration token reached (an unrouted expert): |W| over the matrix
@@ -115,8 +114,6 @@ def _unit_codes(db: LevelDatabase, unit: Unit, zeros: list[int], weight: torch.T
 @torch.no_grad()
 def _unit_sparsegpt(db: LevelDatabase, unit: Unit, zeros: list[int], weight: torch.Tensor, hessian,
                     options: dict) -> None:
-    from ..pruning import PRUNERS, Pattern
-
     for j, z in enumerate(zeros):
         w = weight.detach().clone()
         pruned = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
