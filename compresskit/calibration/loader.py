@@ -21,6 +21,8 @@ from compresskit.calibration.corpus import Corpus, open_corpus
 from compresskit.calibration.registry import SourceDefinition, expand_fallback, parse_source
 from compresskit.calibration.spec import CalibrationSpec
 from compresskit.errors import CalibrationError
+from compresskit.calibration.readers import LOCAL_BUILDERS
+from compresskit.hub import hub_reachable
 
 
 @dataclass
@@ -176,8 +178,6 @@ def load_calibration(spec: CalibrationSpec, tokenizer, use_cache: bool = True) -
 
 def unavailable_reason(definition: SourceDefinition) -> str | None:
     """Why a fallback candidate cannot be used right now (None: try it). Reads no data."""
-    from compresskit.calibration.readers import LOCAL_BUILDERS
-    from compresskit.hub import hub_reachable
 
     if definition.kind == "file":
         return None if Path(definition.path or "").is_file() else f"no file at {definition.path}"

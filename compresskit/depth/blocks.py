@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedArchitectureError
+from ..models import get_adapter
 from .removal import STUB_TYPES, removed_kinds
 
 _NOT_PER_LAYER = {"architectures"}
@@ -139,7 +140,6 @@ def check_config_rebuilds(model: nn.Module, adapter) -> None:
     config.per_layer_config = None  # the stock classes build every sublayer anyway
     with torch.device("meta"):
         fresh = type(model)(config)
-    from ..models import get_adapter
 
     fresh_adapter = get_adapter(fresh)
     if fresh_adapter.num_blocks != adapter.num_blocks:

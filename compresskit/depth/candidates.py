@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import InputError
+from .removal import sublayer_modules
 
 LEVELS = ("sublayer", "block", "attn", "mlp")
 KINDS = ("attn", "mlp", "block")
@@ -55,7 +56,6 @@ def build_candidates(adapter, level: str, keep: str | None = None) -> list[Candi
     Parameter counts come from shapes only (no weight is read). Raises ``InputError`` for an
     unknown level, a bad regex, or a ``keep`` that protects every candidate.
     """
-    from .removal import sublayer_modules  # the same module set the removal takes away
 
     if level not in LEVELS:
         raise InputError(f"unknown --level {level!r}; choose one of: {', '.join(LEVELS)}")

@@ -12,6 +12,9 @@ checkpoint's form is decided: only whole blocks gone → a stock checkpoint (pla
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from .blocks import check_config_rebuilds, delete_blocks, record_per_layer_config
+from .removal import removed_kinds
+from .structure import structure_entry
 
 #: why a result holding single-sublayer removals is not a stock checkpoint
 SUBLAYER_FORM_REASON = (
@@ -40,8 +43,6 @@ def delete_empty_blocks(adapter, level: str, removed_blocks: set[int]) -> list[i
 
     At ``level == "block"`` the blocks the search removed go (their stubs are installed, they hold
     no parameter); otherwise every block with both sublayers stubbed and no parameter left."""
-    from .blocks import delete_blocks
-    from .removal import removed_kinds
 
     drop = set(removed_blocks) if level == "block" else {
         i for i in range(adapter.num_blocks)
@@ -53,8 +54,6 @@ def delete_empty_blocks(adapter, level: str, removed_blocks: set[int]) -> list[i
 def finish_removal(model, adapter, level: str, removed_blocks: set[int]) -> FinishedRemoval:
     """Delete identity blocks, record ``per_layer_config``, check the config rebuilds the model and
     say which checkpoint form the result has (see the module docstring)."""
-    from .blocks import check_config_rebuilds, record_per_layer_config
-    from .structure import structure_entry
 
     kept = delete_empty_blocks(adapter, level, removed_blocks)
     skips = record_per_layer_config(adapter)

@@ -14,7 +14,9 @@ from __future__ import annotations
 from torch import nn
 
 from compresskit.checkpoint.structure import register_structure_kind
+from compresskit.depth.removal import install_removed_sublayers, removed_kinds
 from compresskit.errors import CheckpointError
+from compresskit.models import get_adapter
 
 KIND = "removed_sublayers"
 
@@ -25,8 +27,6 @@ def structure_entry(attention: list[int], mlp: list[int]) -> dict:
 
 def describe_removed_sublayers(model: nn.Module) -> dict | None:
     """The entry for the stubs the model holds now, by current block index (None without stubs)."""
-    from compresskit.depth.removal import removed_kinds
-    from compresskit.models import get_adapter
 
     adapter = get_adapter(model)
     kinds = {i: removed_kinds(adapter, i) for i in range(adapter.num_blocks)}
@@ -37,8 +37,6 @@ def describe_removed_sublayers(model: nn.Module) -> dict | None:
 
 @register_structure_kind(KIND, describe=describe_removed_sublayers)
 def install_removed_sublayers_structure(model: nn.Module, entry: dict) -> None:
-    from compresskit.depth.removal import install_removed_sublayers
-    from compresskit.models import get_adapter
 
     adapter = get_adapter(model)
     lists = {}

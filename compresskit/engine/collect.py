@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from .distributed import all_gather_objects, all_reduce_sum, is_active
 
 StatFactory = Callable[[int, torch.device], object]
 
@@ -68,7 +69,6 @@ class InputStatsCollector:
         rank that saw no token of a linear (a routed expert, or no batch at all) contributes
         zeros. Linears no rank saw stay without a statistic.
         """
-        from .distributed import all_gather_objects, all_reduce_sum, is_active
 
         if not is_active():
             return

@@ -35,6 +35,7 @@ from compresskit.evaluation.task_sets import (
     tasks_dir,
     unweighted_mean,
 )
+from compresskit.compat import internal
 
 # lm-eval's "auto" batch size grows until CUDA runs out of memory; on CPU nothing ever fails, so
 # it would settle on its maximum (64 sequences of full context). Use a fixed size there instead.
@@ -112,8 +113,6 @@ def expand_requests(
 
 # ----------------------------------------------------------------------------- task lookup
 def _yaml_task_name(path: Path) -> str:
-    from ..compat import internal
-
     load_yaml = internal("lm_eval.tasks._yaml_loader.load_yaml")
     try:
         cfg = load_yaml(path, resolve_func=False)
@@ -306,8 +305,6 @@ def quiet_lm_eval():
     import os
     import sys
     from unittest import mock
-
-    from compresskit.compat import internal
 
     internal("lm_eval.evaluator.get_git_commit_hash")  # one line naming the versions if it is gone
     logger = logging.getLogger("lm_eval")

@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..demo_data import PERPLEXITY_FILE, PERPLEXITY_LABEL
 from ..errors import EvaluationError, InputError
 from ..hub import hub_reachable
 from ..paths import shared_data_dir
@@ -91,8 +92,6 @@ def _file_text(path: Path) -> tuple[str, dict]:
 
 
 def _demo_text() -> tuple[str, dict]:
-    from ..demo_data import PERPLEXITY_FILE, PERPLEXITY_LABEL
-
     return PERPLEXITY_FILE.read_text(encoding="utf-8"), {"source": PERPLEXITY_LABEL, "join": "file as-is"}
 
 

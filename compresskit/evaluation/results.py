@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from compresskit.errors import EvaluationError
 from compresskit.evaluation.task_sets import TaskSet, choose_metric, load_task_sets, unweighted_mean
+from compresskit.outputs import write_text
 
 SCHEMA_VERSION = 1
 
@@ -147,7 +148,6 @@ class EvalResult(_Model):
         """Write atomically (a temp file in the same folder, then rename over the target), with the
         permissions of a normal file (umask); a write failure (disk full, permissions) is one
         ``OutputError`` line. Callers check the path first (``compresskit.outputs.OutputGuard``)."""
-        from compresskit.outputs import write_text
 
         return write_text(path, self.model_dump_json(indent=2) + "\n")
 

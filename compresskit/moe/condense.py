@@ -1,7 +1,6 @@
 """CD-MoE's condensed layer, built exactly (methods.md §7.2, §7.5).
 
 The reference's condensed layer gives every token the same experts with constant weights:
-
     y = Σ_{e∈E} avg_w[ℓ,e] · f_e(x) + S(x),   f_e(x) = W_down,e (act(W_gate,e x) ⊙ W_up,e x)
 
 A sum of SwiGLU MLPs that read the same input is one SwiGLU MLP whose intermediate dimensions
@@ -22,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..engine.distributed import all_reduce_floats
 from ..errors import InputError, UnsupportedArchitectureError
 from ..models.adapters.moe import MoEView
 from .choices import SHARED_GATE_MODES
@@ -170,7 +170,6 @@ def shared_gate_mean(view: MoEView, inputs: list[torch.Tensor], masks: list[torc
     ranks (``engine.distributed.all_reduce_floats``) before dividing, so every rank gets the mean
     over all tokens (one process: unchanged).
     """
-    from ..engine.distributed import all_reduce_floats
 
     gate = view.shared_expert_gate
     if gate is None:

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from ..engine.replay import BlockReplay
 from ..errors import InputError
 from ..models.placement import onload
 from .condense import build_condensed, shared_gate_mean
@@ -55,7 +56,6 @@ def search_orders(job, experts: int, layers: int, shared_gate: str, distance: st
 
     The expert search weights each candidate by the constant that will be folded
     (``expert_weight``); the orders' ``avg_w`` holds those constants."""
-    from ..engine.replay import BlockReplay
 
     adapter = job.adapter
     blocks = check_budget(adapter, experts, layers)

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..engine.distributed import all_reduce_sum, batch_share, is_active
+from ..engine.sequential import SequentialRunner
 from ..errors import UnsupportedArchitectureError
 from ..models.adapters.moe import ExpertView, MoEView
 from .choices import EXPERT_WEIGHTS
@@ -78,7 +80,6 @@ class ExpertStats:
         reduced values are the statistics of all ranks' tokens (``avg_w`` and ``saliency`` are
         divided afterwards), the same on every rank.
         """
-        from ..engine.distributed import all_reduce_sum, is_active
 
         if not is_active():
             return
@@ -215,8 +216,6 @@ def collect_expert_stats(adapter, input_ids: torch.Tensor, attention_mask: torch
     rank holds the statistics of all samples; the recorded inputs / outputs stay this rank's
     share (scores computed from them must be reduced too). One process: all samples, as before.
     """
-    from ..engine.distributed import batch_share
-    from ..engine.sequential import SequentialRunner
 
     share = batch_share(input_ids.shape[0], batch_size)
     input_ids = input_ids[share]
