@@ -189,7 +189,7 @@ def _trainable_label(source: Manifest) -> str:
 
 
 def _manifest(source: Manifest, checkpoint: Path, model, settings: FinetuneSettings, run: dict) -> Manifest:
-    from .evaluation.sparsity import count_parameters, measure_sparsity
+    from .evaluation.sparsity import count_parameters, measure_sparsity, trained_parameter_counts
     from .models import get_adapter
 
     record = source.model_dump(exclude={"stages"})
@@ -220,9 +220,7 @@ def _manifest(source: Manifest, checkpoint: Path, model, settings: FinetuneSetti
             "evals": run["evals"],
         },
         sparsity=measured,
-        parameters={"total_before": total, "total_after": total, "trainable": run["n_trainable"],
-                    "decoder_linear": measured["decoder_linear_params"],
-                    "decoder_linear_nonzero": measured["decoder_linear_params"] - measured["decoder_linear_zeros"]},
+        parameters=trained_parameter_counts(total, run["n_trainable"], measured),
         structure=source.structure,
         storage=source.storage,
         loadable_with_transformers=source.loadable_with_transformers,

@@ -50,3 +50,12 @@ def count_parameters(model: torch.nn.Module) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
+
+
+def trained_parameter_counts(total: int, trainable: int, measured: dict) -> dict:
+    """The manifest's ``parameters`` of a fine-tuned or healed checkpoint (training changes no count):
+    ``total`` before and after, the ``trainable`` ones, and the decoder linears' size and non-zeros
+    from ``measured`` (:func:`measure_sparsity`)."""
+    return {"total_before": total, "total_after": total, "trainable": trainable,
+            "decoder_linear": measured["decoder_linear_params"],
+            "decoder_linear_nonzero": measured["decoder_linear_params"] - measured["decoder_linear_zeros"]}

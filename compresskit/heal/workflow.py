@@ -25,7 +25,7 @@ from ..checkpoint import Manifest, check_output_dir, load_with_tokenizer, save_c
 from ..checkpoint.structure import known_structure_kinds
 from ..errors import InputError
 from ..evaluation.perplexity import perplexity_tokens
-from ..evaluation.sparsity import count_parameters, measure_sparsity
+from ..evaluation.sparsity import count_parameters, measure_sparsity, trained_parameter_counts
 from ..models import get_adapter
 from ..models.builtin import builtin_model_dir, is_builtin
 from ..models.context import fit_seqlen
@@ -286,9 +286,7 @@ def _manifest(source: Manifest, checkpoint: Path, model, settings: HealSettings,
         calibration={"training_data": run["data_records"], "eval_data": run["eval_source"]},
         method_details=details,
         sparsity=measured,
-        parameters={"total_before": total, "total_after": total, "trainable": details["trainable_params"],
-                    "decoder_linear": measured["decoder_linear_params"],
-                    "decoder_linear_nonzero": measured["decoder_linear_params"] - measured["decoder_linear_zeros"]},
+        parameters=trained_parameter_counts(total, details["trainable_params"], measured),
         structure=source.structure,
         storage=source.storage,
         loadable_with_transformers=source.loadable_with_transformers,
