@@ -98,7 +98,7 @@ def finetune(
 
     t0 = time.perf_counter()
     model, tokenizer = load_with_tokenizer(checkpoint)
-    from .models.context import fit_seqlen
+    from .models.context import check_token_ids, fit_seqlen
 
     seqlen, lowered = fit_seqlen(model, settings.seqlen, DEFAULT_SEQLEN)
     settings = replace(settings, seqlen=seqlen, seqlen_default=lowered)
@@ -107,6 +107,7 @@ def finetune(
         raise InputError(NOTHING_TO_TRAIN)
     n_trainable, n_total = freeze_all_but(model, trainable)
     ids, mask, data_records = training_windows(settings, tokenizer)
+    check_token_ids(model, ids, "the training data")
     eval_ids = None
     if settings.eval_data is not None:
         from .evaluation.perplexity import perplexity_tokens

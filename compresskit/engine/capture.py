@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models.context import check_token_ids
+
 
 class _StopForward(Exception):
     """Raised by the last recorder: nothing after the decoder blocks needs to run."""
@@ -123,6 +125,7 @@ def capture_block_inputs(
     The embedding modules must already be on ``device``; blocks may stay anywhere (they are
     swapped out for recorders and never run).
     """
+    check_token_ids(model, input_ids, "the calibration data")
     originals = list(blocks)
     sink: dict[str, Any] = {}
     n = len(originals)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from ..demo_data import PERPLEXITY_FILE, PERPLEXITY_LABEL
 from ..errors import EvaluationError, InputError
 from ..hub import hub_reachable
+from ..models.context import check_token_ids
 from ..paths import shared_data_dir
 
 WIKITEXT2_LOCAL = "wikitext-2-raw/wiki.test.raw"
@@ -139,6 +140,7 @@ def windowed_perplexity(model, ids: torch.Tensor, seqlen: int, batch_size: int =
     if n_windows < 1:
         raise EvaluationError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}; use a smaller --seqlen")
     windows = ids[0, : n_windows * seqlen].view(n_windows, seqlen)
+    check_token_ids(model, windows, "the perplexity text")
     nll_sum = 0.0
     t0 = time.perf_counter()
     for start in range(0, n_windows, batch_size):

@@ -28,7 +28,7 @@ from ..evaluation.perplexity import perplexity_tokens
 from ..evaluation.sparsity import count_parameters, measure_sparsity, trained_parameter_counts
 from ..models import get_adapter
 from ..models.builtin import builtin_model_dir, is_builtin
-from ..models.context import fit_seqlen
+from ..models.context import check_token_ids, fit_seqlen
 from ..models.loading import resolve_device, resolve_dtype
 from ..training_state import remove_train_state, state_dir_for, training_memory_bytes
 from .loop import (DEFAULT_SEQLEN, Progress, default_warmup, evaluate_heldout, freeze_all_but, prepare, run_training,
@@ -175,6 +175,7 @@ def heal(
                           "from": "--teacher" if settings.teacher else "the manifest's base_model",
                           "logits": "on the fly" + (f", top-{spec.top_k}" if spec.top_k else ", full vocabulary")}
     ids, mask, data_records = training_windows(settings, tokenizer)
+    check_token_ids(model, ids, "the training data")
     eval_ids = eval_info = None
     if settings.eval_data is not None:
         eval_ids, eval_info = perplexity_tokens(tokenizer, settings.eval_data, settings.seqlen)

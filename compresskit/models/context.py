@@ -1,4 +1,5 @@
-"""How long a sequence a model takes: ``--seqlen`` past a model's position limit is refused.
+"""What input a model takes: ``--seqlen`` past a model's position limit is refused, and so are
+token ids past its embedding (``check_token_ids``).
 
 A model silently run past ``max_position_embeddings`` gives meaningless calibration statistics
 and perplexities (learned positions index out of range; RoPE models leave the lengths they were
@@ -82,3 +83,26 @@ def fit_seqlen(model_or_config: Any, seqlen: int | None, default: int, flag: str
     warnings.warn(f"{flag} not given: using {limit}, the model's max_position_embeddings, instead of the default "
                   f"{default}", CompressKitNote, stacklevel=2)
     return limit, default
+
+
+def embedding_rows(model: Any) -> int | None:
+    """Rows of the model's input embedding (the ids it can look up), or None if it has none."""
+    getter = getattr(model, "get_input_embeddings", None)
+    embedding = getter() if callable(getter) else None
+    weight = getattr(embedding, "weight", None)
+    return None if weight is None or weight.dim() != 2 else int(weight.shape[0])
+
+
+def check_token_ids(model: Any, ids: Any, what: str = "the text") -> None:
+    """Refuse token ids the model's embedding cannot look up, in one line.
+
+    A tokenizer that is not the model's own (or one with tokens added after the model was built)
+    can emit ids past the embedding; the embedding lookup then fails deep in the forward with an
+    ``IndexError`` (CPU) or a device-side assert (CUDA). Cheap: one ``max`` over ``ids``."""
+    rows = embedding_rows(model)
+    if rows is None or ids is None or ids.numel() == 0:
+        return
+    top = int(ids.max())
+    if top >= rows:
+        raise InputError(f"the tokenizer gave token id {top} for {what}, but the model's embedding has only {rows} rows: "
+                         f"the tokenizer does not match the model (use the model's own tokenizer)")
