@@ -6,24 +6,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 from rich.table import Table
 
 from .console import console as make_console
 from .progress import PhaseProgress
-
-
-def _mib(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**20:,.1f} MiB"
+from .training_options import (BatchSize, Data, DataFormat, Device, Dtype, EvalData, EvalEvery, EvalWindows, Force,
+                               GradCheckpointing, JsonOut, MaxGradNorm, MinLrRatio, Quiet, Resume, SaveEvery, Seed,
+                               Seqlen, TextField, WeightDecay, Warmup, loop_settings, mib)
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def heal(
         checkpoint: Path = typer.Argument(..., help="A compresskit checkpoint of any kind (sparse, low rank, removed sublayers / blocks, REAP, CD-MoE)."),
-        data: List[str] = typer.Option(..., "--data", help="Training text: any calibration source (c4, file:PATH, hf:...); repeat to mix."),
+        data: Data = ...,
         out: Path = typer.Option(..., "--out", "-o", help="Output: a checkpoint of the input's kind (written atomically), or a peft adapter directory (--train lora without --merge)."),
         steps: Optional[int] = typer.Option(None, help="Optimizer steps (or --tokens)."),
         tokens: Optional[str] = typer.Option(None, help="Training tokens instead of --steps: 20000, 500k, 4M (steps = tokens / (batch × seqlen), rounded up)."),
@@ -39,35 +38,36 @@ def register(app: typer.Typer) -> None:
         teacher: Optional[str] = typer.Option(None, help="Teacher model (built-in, directory or Hub id) [default: the manifest's base_model]."),
         teacher_device: Optional[str] = typer.Option(None, help="Device of the teacher when it does not fit beside the student [default: --device]."),
         lr: float = typer.Option(1e-4, help="Peak learning rate."),
-        batch_size: int = typer.Option(4, help="Windows per step."),
-        seqlen: Optional[int] = typer.Option(None, help="Tokens per window [default: 512, or the model's context when shorter]."),
-        warmup: Optional[int] = typer.Option(None, help="Linear warmup steps [default: min(100, 10% of the steps)]."),
-        min_lr_ratio: float = typer.Option(0.1, help="Cosine decays to this fraction of --lr."),
-        weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
-        max_grad_norm: Optional[float] = typer.Option(1.0, help="Gradient clipping norm."),
-        data_format: str = typer.Option("window", help="Calibration format of --data (window | icl | cot | single | zero)."),
-        text_field: Optional[str] = typer.Option(None, "--text-field", help="Text column of --data records [default: text]."),
-        grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute activations in backward (less memory)."),
-        eval_data: Optional[str] = typer.Option(None, help="Held-out perplexity text: wikitext2 | c4 | file:PATH (none: no curve)."),
-        eval_every: int = typer.Option(100, help="Evaluate every N steps (and at the start and end)."),
-        eval_windows: int = typer.Option(8, help="Windows of --seqlen tokens per evaluation."),
-        save_every: int = typer.Option(100, help="Save the resumable training state every N steps."),
-        resume: bool = typer.Option(False, "--resume", help="Continue from <out>.train-state/ if it exists."),
-        device: str = typer.Option("auto", help="cpu | cuda | cuda:N | auto."),
-        dtype: Optional[str] = typer.Option(None, help="Output dtype (default: the checkpoint's)."),
-        seed: int = typer.Option(0, help="Seed of the training windows."),
-        force: bool = typer.Option(False, "--force", help="Replace an existing output / discard a saved training state."),
-        json_out: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+        batch_size: BatchSize = 4,
+        seqlen: Seqlen = None,
+        warmup: Warmup = None,
+        min_lr_ratio: MinLrRatio = 0.1,
+        weight_decay: WeightDecay = 0.0,
+        max_grad_norm: MaxGradNorm = 1.0,
+        data_format: DataFormat = "window",
+        text_field: TextField = None,
+        grad_checkpointing: GradCheckpointing = False,
+        eval_data: EvalData = None,
+        eval_every: EvalEvery = 100,
+        eval_windows: EvalWindows = 8,
+        save_every: SaveEvery = 100,
+        resume: Resume = False,
+        device: Device = "auto",
+        dtype: Dtype = None,
+        seed: Seed = 0,
+        force: Force = False,
+        json_out: JsonOut = False,
+        quiet: Quiet = False,
     ):
         """Heal a compressed checkpoint by distillation from its dense model; sparsity and structure are kept."""
         from ..heal.settings import HealSettings, parse_tokens  # torch-free: bad options answer at once
 
         settings = HealSettings(
-            data=tuple(data), steps=steps, tokens=parse_tokens(tokens), lr=lr, batch_size=batch_size, seqlen=seqlen,
-            warmup=warmup, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-            data_format=data_format, text_field=text_field, seed=seed, grad_checkpointing=grad_checkpointing,
-            eval_data=eval_data, eval_every=eval_every, eval_windows=eval_windows, save_every=save_every,
+            steps=steps, tokens=parse_tokens(tokens), lr=lr, **loop_settings(
+                data=data, batch_size=batch_size, seqlen=seqlen, warmup=warmup, min_lr_ratio=min_lr_ratio,
+                weight_decay=weight_decay, max_grad_norm=max_grad_norm, data_format=data_format, text_field=text_field,
+                grad_checkpointing=grad_checkpointing, eval_data=eval_data, eval_every=eval_every,
+                eval_windows=eval_windows, save_every=save_every, seed=seed),
             loss=loss, kd_weight=kd_weight, temperature=temperature, kl_top_k=kl_top_k, train=train,
             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets, merge=merge, teacher=teacher,
         )
@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
             kept = summary["sparsity_kept"]
             table.add_row("pruned entries kept at zero", f"{kept['pruned_entries']:,} in {kept['tensors']} tensors")
         peak = summary["peak_memory"]
-        table.add_row(f"peak memory ({peak['kind']})", _mib(peak["peak_bytes"]))
+        table.add_row(f"peak memory ({peak['kind']})", mib(peak["peak_bytes"]))
         table.add_row("seconds / step", f"{summary['seconds_per_step']:.3f}")
         console.print(table)
         console.print(f"loss {summary['first_loss']:.4f} → {summary['last_loss']:.4f}"
