@@ -14,7 +14,7 @@ CUDA, plain fp32 on CPU) and the output is cast back to the checkpoint's dtype.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import torch
 from .checkpoint import Manifest, check_output_dir, load_with_tokenizer, save_checkpoint
 from .errors import InputError
 from .heal.loop import (DEFAULT_SEQLEN, Progress, TrainSettings, default_warmup, evaluate_heldout, freeze_all_but,
-                        prepare, run_training, train_loop, training_windows, unprepare)
+                        prepare, run_training, train_loop, trained_manifest, training_windows, unprepare)
 from .heal.trainables import declared_trainable_modules, lowrank_parameters
 from .training_state import PeakMemory, remove_train_state, state_dir_for, training_memory_bytes
 
@@ -190,42 +190,19 @@ def _trainable_label(source: Manifest) -> str:
 
 
 def _manifest(source: Manifest, checkpoint: Path, model, settings: FinetuneSettings, run: dict) -> Manifest:
-    from .evaluation.sparsity import count_parameters, measure_sparsity, trained_parameter_counts
-    from .models import get_adapter
-
-    record = source.model_dump(exclude={"stages"})
-    record["sparsity"] = {k: v for k, v in source.sparsity.items() if k != "per_module"}
-    record["path"] = str(checkpoint)
-    measured = measure_sparsity(get_adapter(model))
-    total = count_parameters(model)
-    hyper = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}
-    return Manifest(
-        base_model=source.base_model,
-        revision=source.revision,
-        method="finetune",
-        hyperparameters={**hyper, "trainable": _trainable_label(source), "optimizer": "AdamW",
-                         "schedule": "cosine with linear warmup", "device": run["device"],
-                         "precision": "bf16 autocast, fp32 factors" if run["device"].startswith("cuda") else "fp32"},
-        calibration={"training_data": run["data_records"], "eval_data": run["eval_source"]},
-        method_details={
-            "trainable_params": run["n_trainable"],
-            "total_params": run["n_total"],
-            "trainable_fraction": run["n_trainable"] / run["n_total"],
-            "full_finetune_trainable_params": run["n_total"],
-            "memory_estimate_bytes": {"lowrank_only": training_memory_bytes(run["n_trainable"]),
-                                      "full": training_memory_bytes(run["n_total"])},
-            "peak_memory": run["peak"],
-            "seconds_per_step": run["seconds_per_step"],
-            "resumed_from_step": run["resumed_from"],
-            "losses": run["losses"],
-            "evals": run["evals"],
-        },
-        sparsity=measured,
-        parameters=trained_parameter_counts(total, run["n_trainable"], measured),
-        structure=source.structure,
-        storage=source.storage,
-        loadable_with_transformers=source.loadable_with_transformers,
-        dtype=run["dtype"],
-        timings=run["timings"],
-        stages=[*source.stages, record],
-    )
+    details = {
+        "trainable_params": run["n_trainable"],
+        "total_params": run["n_total"],
+        "trainable_fraction": run["n_trainable"] / run["n_total"],
+        "full_finetune_trainable_params": run["n_total"],
+        "memory_estimate_bytes": {"lowrank_only": training_memory_bytes(run["n_trainable"]),
+                                  "full": training_memory_bytes(run["n_total"])},
+        "peak_memory": run["peak"],
+        "seconds_per_step": run["seconds_per_step"],
+        "resumed_from_step": run["resumed_from"],
+        "losses": run["losses"],
+        "evals": run["evals"],
+    }
+    return trained_manifest(source, checkpoint, model, settings, method="finetune",
+                            trained={"trainable": _trainable_label(source)}, precision="fp32 factors",
+                            details=details, run=run)

@@ -18,15 +18,18 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from ..calibration import CalibrationSpec, load_calibration
+from ..checkpoint import Manifest
 from ..errors import InputError
 from ..evaluation.perplexity import windowed_perplexity
+from ..evaluation.sparsity import count_parameters, measure_sparsity, trained_parameter_counts
+from ..models import get_adapter
 from ..lowrank.finetune_utils import cosine_with_warmup
 from ..training_state import PeakMemory, load_train_state, save_train_state
 from .settings import DEFAULT_SEQLEN, TrainSettings, default_warmup  # noqa: F401 (the trainer's names)
@@ -240,3 +243,34 @@ def run_training(model, trainable: dict[str, torch.nn.Parameter], ids, mask, set
     run.peak = memory.stop()
     run.steps_run = settings.steps - start
     return run
+
+
+def trained_manifest(source: Manifest, checkpoint: Path, model, settings: TrainSettings, *, method: str,
+                     trained: Any, precision: str, details: dict, run: dict) -> Manifest:
+    """The manifest of a trained checkpoint (``heal`` and ``finetune``): the input's kind, storage
+    and form kept, the training settings as hyperparameters, sparsity and parameter counts measured
+    on the trained model, and the input's own record appended to ``stages``."""
+    record = source.model_dump(exclude={"stages"})
+    record["sparsity"] = {k: v for k, v in source.sparsity.items() if k != "per_module"}
+    record["path"] = str(checkpoint)
+    measured = measure_sparsity(get_adapter(model))
+    hyper = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}
+    on_cuda = run["device"].startswith("cuda")
+    return Manifest(
+        base_model=source.base_model,
+        revision=source.revision,
+        method=method,
+        hyperparameters={**hyper, **trained, "optimizer": "AdamW", "schedule": "cosine with linear warmup",
+                         "device": run["device"], "precision": f"bf16 autocast, {precision}" if on_cuda else "fp32"},
+        calibration={"training_data": run["data_records"], "eval_data": run["eval_source"]},
+        method_details=details,
+        sparsity=measured,
+        parameters=trained_parameter_counts(count_parameters(model), details["trainable_params"], measured),
+        structure=source.structure,
+        storage=source.storage,
+        loadable_with_transformers=source.loadable_with_transformers,
+        form_reason=source.form_reason,
+        dtype=run["dtype"],
+        timings=run["timings"],
+        stages=[*source.stages, record],
+    )

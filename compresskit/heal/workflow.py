@@ -32,7 +32,7 @@ from ..models.context import check_token_ids, fit_seqlen
 from ..models.loading import resolve_device, resolve_dtype
 from ..training_state import remove_train_state, state_dir_for, training_memory_bytes
 from .loop import (DEFAULT_SEQLEN, Progress, default_warmup, evaluate_heldout, freeze_all_but, prepare, run_training,
-                   training_windows, unprepare)
+                   trained_manifest, training_windows, unprepare)
 from .lora import add_lora, check_adapter_output, lora_parameters, merge, parse_targets, save_adapter
 from .losses import healing_loss
 from .settings import DEFAULT_LORA_RANK, HealSettings, parse_tokens  # noqa: F401 (heal's public names)
@@ -271,28 +271,5 @@ def heal(
 
 def _manifest(source: Manifest, checkpoint: Path, model, settings: HealSettings, plan, details: dict,
               run: dict) -> Manifest:
-    record = source.model_dump(exclude={"stages"})
-    record["sparsity"] = {k: v for k, v in source.sparsity.items() if k != "per_module"}
-    record["path"] = str(checkpoint)
-    measured = measure_sparsity(get_adapter(model))
-    total = count_parameters(model)
-    hyper = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}
-    return Manifest(
-        base_model=source.base_model,
-        revision=source.revision,
-        method="heal",
-        hyperparameters={**hyper, "trained": plan.describe(), "optimizer": "AdamW",
-                         "schedule": "cosine with linear warmup", "device": run["device"],
-                         "precision": "bf16 autocast, fp32 trainable tensors" if run["device"].startswith("cuda") else "fp32"},
-        calibration={"training_data": run["data_records"], "eval_data": run["eval_source"]},
-        method_details=details,
-        sparsity=measured,
-        parameters=trained_parameter_counts(total, details["trainable_params"], measured),
-        structure=source.structure,
-        storage=source.storage,
-        loadable_with_transformers=source.loadable_with_transformers,
-        form_reason=source.form_reason,
-        dtype=run["dtype"],
-        timings=run["timings"],
-        stages=[*source.stages, record],
-    )
+    return trained_manifest(source, checkpoint, model, settings, method="heal", trained={"trained": plan.describe()},
+                            precision="fp32 trainable tensors", details=details, run=run)
