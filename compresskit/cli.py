@@ -35,16 +35,36 @@ out_console = _console()
 # --------------------------------------------------------------------------- method options
 def _method_option_fields() -> dict[str, tuple[str, str, object]]:
     """CLI parameter name -> (flag, field name, pydantic FieldInfo), over all registered methods."""
+    return {param: (flag, field_name, owners[0][1]) for param, (flag, field_name, owners) in _method_option_owners().items()}
+
+
+def _method_option_owners() -> dict[str, tuple[str, str, list[tuple[str, object]]]]:
+    """CLI parameter name -> (flag, field name, [(method, FieldInfo), ...]): every method declaring it."""
     from .methods import available_methods, get_method
     from .methods.base import option_flag
 
-    fields: dict[str, tuple[str, str, object]] = {}
+    fields: dict[str, tuple[str, str, list[tuple[str, object]]]] = {}
     for name in available_methods():
         for field_name, info in get_method(name).config_cls.model_fields.items():
             flag = option_flag(field_name, info)
             param = flag.lstrip("-").replace("-", "_")
-            fields.setdefault(param, (flag, field_name, info))
+            fields.setdefault(param, (flag, field_name, []))[2].append((name, info))
     return fields
+
+
+def _method_option_help(owners: list[tuple[str, object]]) -> str:
+    """One help text for a flag several methods declare: shared text once, else each method's own
+    (``finercut: ... | evopress: ...``); the methods' defaults where they are set."""
+    texts = list(dict.fromkeys(info.description or "" for _, info in owners))
+    if len(texts) == 1:
+        text = texts[0]
+    else:
+        text = " | ".join(f"{', '.join(m for m, i in owners if (i.description or '') == t)}: {t}" for t in texts)
+    defaults = list(dict.fromkeys(repr(info.default) for _, info in owners if info.default is not None))
+    if len(defaults) == 1 and len({m for m, i in owners if i.default is not None}) == len(owners):
+        return text + f" [method default: {owners[0][1].default}]"
+    notes = [f"{m} {i.default}" for m, i in owners if i.default is not None]
+    return text + (f" [method default: {', '.join(notes)}]" if notes else "")
 
 
 def _option_annotation(info) -> type:
@@ -59,15 +79,14 @@ def _with_method_options(func):
     """Append one keyword-only CLI option per method hyperparameter to ``func``'s signature."""
     sig = _inspect.signature(func)
     params = [p for p in sig.parameters.values() if p.kind != _inspect.Parameter.VAR_KEYWORD]
-    for param, (flag, _field, info) in _method_option_fields().items():
-        ann = _option_annotation(info)
+    for param, (flag, _field, owners) in _method_option_owners().items():
+        ann = _option_annotation(owners[0][1])
         opt_flags = [f"{flag}/--no-{flag[2:]}"] if ann is bool else [flag]
-        default_note = f" [method default: {info.default}]" if info.default is not None else ""
         params.append(
             _inspect.Parameter(
                 param,
                 _inspect.Parameter.KEYWORD_ONLY,
-                default=typer.Option(None, *opt_flags, help=(info.description or "") + default_note,
+                default=typer.Option(None, *opt_flags, help=_method_option_help(owners),
                                      rich_help_panel="Method options"),
                 annotation=Optional[ann],
             )
@@ -522,13 +541,32 @@ def main() -> None:
             signal.signal(signal.SIGTERM, previous_sigterm)
 
 
+def _click_command():
+    """The click command typer builds from ``app``, with every help text escaped for rich: typer
+    reads help as rich markup, which silently swallowed our ``[default: ...]`` notes as tags."""
+    from rich.markup import escape
+
+    def walk(command) -> None:
+        if command.help:
+            command.help = escape(command.help)
+        for param in command.params:
+            if getattr(param, "help", None):
+                param.help = escape(param.help)
+        for sub in getattr(command, "commands", {}).values():
+            walk(sub)
+
+    command = typer.main.get_command(app)
+    walk(command)
+    return command
+
+
 def _main() -> None:
     click_exc = _click_exceptions()
     _quiet_libraries()
     _broken_pipe_is_not_an_error()
     try:
         # standalone_mode=False: usage errors reach us, so they too are one line and exit 2.
-        code = app(standalone_mode=False)
+        code = _click_command()(standalone_mode=False)
         if code == 130:  # typer turns a KeyboardInterrupt (Ctrl-C, Terminated) into this code
             _exit_interrupted()
         sys.exit(code if isinstance(code, int) else 0)

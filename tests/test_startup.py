@@ -136,3 +136,15 @@ def test_analyze_declares_every_registered_metric_without_torch():
     declared = dict(analyze.METRIC_OPTIONS)
     assert sorted(analyze.available_metrics()) == sorted(declared)  # imports the registering modules
     assert analyze.METRIC_OPTIONS == declared
+
+
+def test_help_texts_keep_their_bracketed_defaults_and_merge_shared_method_flags(cli):
+    """typer reads help as rich markup: a ``[default: 16]`` in our text was silently dropped as a tag.
+    A method flag that several methods declare shows each method's text and default."""
+    def text(command: str) -> str:  # the help without its box and spacing (rich wraps it in a table)
+        return "".join(cli(command, "--help").stdout.replace("│", "").split())
+
+    assert "adapterrank[default:16]" in text("heal")
+    prune = text("prune")
+    assert "[methoddefault:evopressmatrix,finercutsublayer]" in prune, prune
+    assert "cdmoe:Greedy-searchdistance" in prune and "finercut:Distancebetweentheunpruned" in prune, prune

@@ -27,7 +27,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..errors import InputError
-from .base import MethodConfig, MethodResult, PruneJob, register
+from .base import MethodResult, PruneJob, register
+from .removal_target import RemovalTargetConfig
 
 SPARSITY_SEEDS = ("uniform", "owl", "alphapruning")
 DEPTH_SEEDS = ("finercut", "block-greedy")
@@ -45,29 +46,11 @@ def _int_list(value: str | None, flag: str) -> list[int] | None:
     return items
 
 
-class EvoPressConfig(MethodConfig):
+class EvoPressConfig(RemovalTargetConfig):
     level: Literal["matrix", "sublayer", "block"] = Field(
         "matrix", json_schema_extra={"flag": "--level"},
-        description="evopress: matrix (a sparsity level per linear, with --sparsity/--pruner), sublayer (which "
-                    "attention/MLP sublayers go) or block (whole blocks), with --remove. finercut: sublayer, block, "
-                    "attn, mlp.",
-    )
-    remove: float | None = Field(
-        None, gt=0, lt=1, json_schema_extra={"flag": "--remove"},
-        description="Fraction of the candidates to remove (of the 2L sublayers at --level sublayer), in (0, 1).",
-    )
-    remove_params: float | None = Field(
-        None, gt=0, lt=1, json_schema_extra={"flag": "--remove-params"},
-        description="Instead of --remove: remove sublayers in greedy order until the removed share of the decoder "
-                    "blocks' parameters is nearest this fraction (stop before or after the crossing removal).",
-    )
-    keep: str | None = Field(
-        None, json_schema_extra={"flag": "--keep"},
-        description="Regex on full module names: matching candidates are never removed.",
-    )
-    score_dtype: Literal["float32", "model"] = Field(
-        "float32", json_schema_extra={"flag": "--score-dtype"},
-        description="Run the search in float32 (the reference) or in the checkpoint's dtype.",
+        description="Units of the search: matrix (a sparsity level per linear, with --sparsity/--pruner), sublayer "
+                    "(which attention/MLP sublayers go) or block (whole blocks), with --remove.",
     )
     seed_from: str | None = Field(
         None, json_schema_extra={"flag": "--seed-from"},

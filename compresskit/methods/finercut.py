@@ -23,22 +23,14 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ..errors import InputError
-from .base import MethodConfig, MethodResult, PruneJob, register
+from .base import MethodResult, PruneJob, register
+from .removal_target import RemovalTargetConfig
 
 #: The paper's calibration (methods.md §8.2): the first 10 × 256 tokens of WikiText-2 train.
 CALIBRATION_DEFAULTS = {"source": "wikitext2", "format": "prefix", "nsamples": 10, "seqlen": 256}
 
 
-class FinerCutConfig(MethodConfig):
-    remove: float | None = Field(
-        None, gt=0, lt=1, json_schema_extra={"flag": "--remove"},
-        description="Fraction of the candidates to remove (of the 2L sublayers at --level sublayer), in (0, 1).",
-    )
-    remove_params: float | None = Field(
-        None, gt=0, lt=1, json_schema_extra={"flag": "--remove-params"},
-        description="Instead of --remove: remove sublayers in greedy order until the removed share of the decoder "
-                    "blocks' parameters is nearest this fraction (stop before or after the crossing removal).",
-    )
+class FinerCutConfig(RemovalTargetConfig):
     level: Literal["sublayer", "block", "attn", "mlp"] = Field(
         "sublayer", json_schema_extra={"flag": "--level"},
         description="Candidates: sublayer (attention + MLP/MoE, 2L), block (whole blocks), attn, mlp.",
@@ -55,10 +47,6 @@ class FinerCutConfig(MethodConfig):
         0.0, ge=0, lt=1, json_schema_extra={"flag": "--exclude-front"},
         description="Withhold the first int(2L·x/2)+1 blocks until int(N·x)+1 candidates are removed (reference -x; README: 0.4).",
     )
-    keep: str | None = Field(
-        None, json_schema_extra={"flag": "--keep"},
-        description="Regex on full module names: matching candidates are never removed.",
-    )
     one_shot: bool = Field(
         False, json_schema_extra={"flag": "--one-shot"},
         description="Ablation: score every candidate once on the unpruned model and remove in that order.",
@@ -66,10 +54,6 @@ class FinerCutConfig(MethodConfig):
     prefix_cache: bool = Field(
         True, json_schema_extra={"flag": "--prefix-cache"},
         description="Replay each candidate from its own block using cached block inputs (--no-prefix-cache: from block 0).",
-    )
-    score_dtype: Literal["float32", "model"] = Field(
-        "float32", json_schema_extra={"flag": "--score-dtype"},
-        description="Run the search in float32 (the reference) or in the checkpoint's dtype.",
     )
 
     @model_validator(mode="after")
