@@ -107,3 +107,27 @@ def test_an_option_error_answers_without_importing_torch(tmp_path):
              "print(code, 'torch' in sys.modules, 'transformers' in sys.modules, err.getvalue().strip())\n")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=60).stdout
     assert out.startswith("2 False False error: --merge merges LoRA adapters"), out
+
+
+def test_teacher_device_splits_the_memory_check_between_the_two_devices(monkeypatch):
+    """--teacher-device: the student's device is charged the student only, the teacher's device the
+    teacher and its logits; a teacher too big for its own device is named as the teacher's problem.
+    (No second device here: ``available_bytes`` is replaced; the real two-device run needs a GPU.)"""
+    import torch
+
+    from compresskit.errors import InputError
+    from compresskit.heal import teacher
+
+    gib = teacher.GIB
+    free = {"cuda:0": 3 * gib, "cpu": 10 * gib}
+    monkeypatch.setattr(teacher, "available_bytes", lambda device: free[str(device)])
+    student = {"weights": 1 * gib, "gradients_and_adamw": 1 * gib}
+    cuda, cpu = torch.device("cuda:0"), torch.device("cpu")
+    with pytest.raises(InputError, match=r"about 4\.5 GiB on cuda:0 for student and teacher"):
+        teacher.check_memory(student, 2 * gib, cuda, cuda, gib // 2)  # 2 + 2.5 GiB on one 3 GiB device
+    report = teacher.check_memory(student, 2 * gib, cuda, cpu, gib // 2)
+    assert report == {"cuda:0": {"needed_bytes": 2 * gib, "free_bytes": 3 * gib},
+                      "cpu": {"needed_bytes": 2 * gib + gib // 2, "free_bytes": 10 * gib}}
+    free["cpu"] = 2 * gib
+    with pytest.raises(InputError, match=r"about 2\.5 GiB on cpu for the teacher"):
+        teacher.check_memory(student, 2 * gib, cuda, cpu, gib // 2)
