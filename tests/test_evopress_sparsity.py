@@ -242,6 +242,30 @@ def test_sparsegpt_levels_are_exact_and_the_output_holds_them(tiny_dir, tmp_path
         assert int((w == 0).sum()) == round(s * w.numel())
 
 
+def test_sparsegpt_database_of_a_float32_model_stores_bfloat16_values_unless_asked(tiny_dir, tmp_path, calib):
+    """--database-dtype auto keeps a float32 model's SparseGPT levels in bfloat16 (about half the disk);
+    the budget stays exact and the output holds bfloat16-representable weights. ``model`` keeps float32."""
+    runs = {}
+    for choice in ("auto", "model"):
+        outcome = _prune(tiny_dir, tmp_path / choice, calib, pruner="sparsegpt",
+                         options={"delete_database": True, "database_dtype": choice, "generations": 0})
+        d = outcome.manifest.method_details
+        assert d["achieved_zeros"] == d["target_zeros"] == outcome.manifest.sparsity["decoder_linear_zeros"]
+        runs[choice] = (d, _weights(tmp_path / choice))
+    (auto, auto_w), (full, full_w) = runs["auto"], runs["model"]
+    assert auto["database"]["values_dtype"] == "bfloat16" and full["database"]["values_dtype"] == "float32"
+    assert auto["database"]["key"] != full["database"]["key"]
+    # values: 2 bytes instead of 4 per surviving weight, the bit mask unchanged (plus file headers)
+    assert 0.45 < auto["database"]["bytes"] / full["database"]["bytes"] < 0.7
+    names = list(auto["levels_per_matrix"])
+    for name in names:
+        a, f = auto_w[f"{name}.weight"], full_w[f"{name}.weight"]
+        assert torch.equal(a, a.to(torch.bfloat16).float())          # bfloat16 values
+        assert torch.equal(a == 0, f == 0)                             # the same masks (uniform seed: same levels)
+        assert torch.equal(a, f.to(torch.bfloat16).float())            # = float32 SparseGPT, rounded once
+    assert not all(torch.equal(full_w[f"{n}.weight"], full_w[f"{n}.weight"].to(torch.bfloat16).float()) for n in names)
+
+
 def test_moe_experts_search_with_the_exact_budget(tiny_model_dir, tmp_path, calib):
     src = tiny_model_dir("qwen2_moe")
     outcome = api.prune(str(src), "evopress", sparsity=0.5, pruner="wanda", calib=calib, out=tmp_path / "moe",

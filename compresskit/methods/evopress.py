@@ -93,6 +93,12 @@ class EvoPressConfig(RemovalTargetConfig):
         None, ge=1, json_schema_extra={"flag": "--level-step"},
         description="evopress: zeros added per level in every matrix (reference: int(0.5·min(S,1-S)/levels·hidden²)).",
     )
+    database_dtype: Literal["auto", "model", "bfloat16"] = Field(
+        "auto", json_schema_extra={"flag": "--database-dtype"},
+        description="evopress, --pruner sparsegpt: dtype of the stored level weights. model: the model's; bfloat16: "
+                    "half the disk of a float32 model (bfloat16 rounding of the updated weights, which the search then "
+                    "scores and the output holds); auto: the model's when it is 16-bit, else bfloat16.",
+    )
     rebuild_database: bool = Field(
         False, json_schema_extra={"flag": "--rebuild-database"},
         description="evopress: delete and rebuild the level database (~/.cache/compresskit/evopress/<key>/).",
@@ -360,11 +366,16 @@ def run_sparsity_search(job: PruneJob, config: EvoPressConfig) -> MethodResult:
     report("fingerprint", 0, 1, "model weights")
     fingerprint = weights_fingerprint(onloaded_weights(job, "cpu"))
     dtype = str(adapter.model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+    values_dtype = None
+    if job.pruner == "sparsegpt" and config.database_dtype != "model":
+        values_dtype = "bfloat16" if config.database_dtype == "bfloat16" or dtype == "float32" else None
     key = {"format": FORMAT_VERSION, "weights": fingerprint, "dtype": dtype, "pruner": job.pruner,
            "pruner_options": dict(sorted(job.pruner_options.items())), "sparsity": sparsity,
            "levels": config.levels, "level_step": step,
            "units": [[u.name, list(u.shape)] for u in units],
            "calibration": None if job.pruner == "magnitude" else {**job.calibration.to_dict(), "hash": data.hash}}
+    if values_dtype is not None:  # (absent otherwise: the keys of databases stored in the model's dtype stay as they were)
+        key["values_dtype"] = values_dtype
     db = LevelDatabase(key)
     if config.rebuild_database and distributed.is_writer():
         db.delete()
@@ -469,7 +480,8 @@ def run_sparsity_search(job: PruneJob, config: EvoPressConfig) -> MethodResult:
         "tokens_seen": final.tokens_seen,
         "resumed_from_generation": resumed_from,
         "database": {"key": db.digest, "path": str(db.path), "bytes": db.meta.get("bytes"), "reused": reused,
-                     "build_s": db.meta.get("build_s"), "kind": db.kind, "deleted": bool(config.delete_database)},
+                     "build_s": db.meta.get("build_s"), "kind": db.kind, "deleted": bool(config.delete_database),
+                     "values_dtype": values_dtype or (dtype if db.kind == "weights" else None)},
         "magnitude_fallback": fallback,
         "block_runs": fitness.block_runs,
     }

@@ -10,7 +10,10 @@ Layout (``~/.cache/compresskit/evopress/<key digest>/``, ``COMPRESSKIT_CACHE_DIR
 * ``<block>/<matrix>@<j>.safetensors`` — SparseGPT changes the surviving weights too, so every
   level's weights are stored, sparse (the non-zero values in the model dtype and one bit per
   weight: (1−s)·bytes + 1/8 bytes per weight), one file per matrix and level: building and
-  reading hold one matrix, never a block's levels at once.
+  reading hold one matrix, never a block's levels at once. The values may be kept in bfloat16 for
+  a float32 model (``key["values_dtype"]``, EvoPress's ``--database-dtype``): half the disk, and
+  bfloat16 has float32's exponent range, so no surviving weight rounds to zero and the counts
+  stay exact.
 * ``database.json`` — written last: the key it was built for and, per matrix, its level range and
   the zeros of every level actually stored. A folder without it is an interrupted build; its files
   are written atomically (temporary + rename), so a rebuild keeps the ones already there.
@@ -158,6 +161,8 @@ class LevelDatabase:
         self.root = Path(root) if root is not None else database_root()
         self.path = self.root / self.digest
         self.kind = "codes" if self.key.get("pruner") in SCORE_PRUNERS else "weights"
+        #: the dtype of stored weight values (``key["values_dtype"]``; None: the model's)
+        self.values_dtype = getattr(torch, self.key["values_dtype"]) if self.key.get("values_dtype") else None
         self.meta: dict[str, Any] | None = None
 
     # -------------------------------------------------------------- state
@@ -216,9 +221,13 @@ class LevelDatabase:
         _save_atomic({"code": code}, self._file(block, local), {"zeros": json.dumps(list(map(int, zeros)))})
 
     def write_level(self, block: str, local: str, index: int, weight: torch.Tensor, zeros: int) -> None:
-        """One level's weights, stored sparse: the non-zero values (model dtype) and a bit per weight."""
+        """One level's weights, stored sparse: the non-zero values (``values_dtype``, else the model's)
+        and a bit per weight."""
         nonzero = weight.detach().reshape(-1) != 0
-        _save_atomic({"values": weight.detach().reshape(-1)[nonzero], "bits": pack_bits(nonzero)},
+        values = weight.detach().reshape(-1)[nonzero]
+        if self.values_dtype is not None:
+            values = values.to(self.values_dtype)
+        _save_atomic({"values": values, "bits": pack_bits(nonzero)},
                      self._file(block, local, index),
                      {"zeros": str(int(zeros)), "shape": json.dumps(list(weight.shape))})
 
