@@ -123,14 +123,14 @@ def training_side_files(tmp: str) -> tuple[str, ...]:
 
 def ft_settings(tmp: str, args):
     """The one fine-tuning setting of every "+ FT" row, CD-MoE's and the REAP control's."""
-    from compresskit.finetune import FinetuneSettings
+    from compresskit.heal.finetune import FinetuneSettings
 
     return FinetuneSettings(data=training_side_files(tmp), steps=args.ft_steps, lr=args.ft_lr,
                             batch_size=args.ft_batch, seqlen=args.ft_seqlen, save_every=args.ft_steps)
 
 
 def finetuned(ckpt: Path, tmp: str, args):
-    from compresskit.finetune import finetune
+    from compresskit.heal.finetune import finetune
 
     settings = ft_settings(tmp, args)
     out = Path(tempfile.mkdtemp(dir=tmp)) / "ft"
@@ -149,7 +149,7 @@ def finetune_reap_in_memory(model, tok, tmp: str, args) -> dict:
     """The control for the fine-tuned CD-MoE rows: the REAP model's routed and shared experts of every
     MoE layer trainable (routers and everything else frozen), same data, steps, schedule and
     precision as ``compresskit finetune`` (fp32 on CPU, saved back in the checkpoint's dtype)."""
-    from compresskit.finetune import train_loop, training_windows
+    from compresskit.heal.finetune import train_loop, training_windows
 
     settings = ft_settings(tmp, args)
     dtype = next(model.parameters()).dtype

@@ -40,12 +40,12 @@ from compresskit.analysis.spectra import model_singular_values, weights_fingerpr
 from compresskit.errors import InputError
 from compresskit.evaluation.sparsity import count_parameters
 from compresskit.evaluation.perplexity import perplexity_tokens, windowed_perplexity
-from compresskit.finetune import FinetuneSettings, finetune, train_loop, training_windows
+from compresskit.heal.finetune import FinetuneSettings, finetune, train_loop, training_windows
 from compresskit.lowrank import LowRankLinear, find_global_tau, ranks_pruned
 from compresskit.lowrank.plan import uniform_pruned
 from compresskit.models import get_adapter, load_model
 from compresskit.paths import shared_data_dir
-from compresskit.training_state import PeakMemory, training_memory_bytes
+from compresskit.heal.state import PeakMemory, training_memory_bytes
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -11,9 +11,9 @@ import torch
 import compresskit
 from compresskit.checkpoint import MANIFEST_NAME
 from compresskit.errors import InputError
-from compresskit.finetune import FinetuneSettings, finetune
+from compresskit.heal.finetune import FinetuneSettings, finetune
 from compresskit.paths import shared_data_dir
-from compresskit.training_state import state_dir_for
+from compresskit.heal.state import state_dir_for
 
 
 @pytest.fixture(autouse=True)

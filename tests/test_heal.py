@@ -14,7 +14,7 @@ from compresskit.analysis.distances import token_kl, top_k_logits
 from compresskit.checkpoint import MANIFEST_NAME
 from compresskit.heal.losses import kd_loss
 from compresskit.heal.workflow import HealSettings, heal
-from compresskit.training_state import state_dir_for
+from compresskit.heal.state import state_dir_for
 
 
 @pytest.fixture(autouse=True)
@@ -205,7 +205,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_weights(wanda_ckpt, sotu_j
 
 
 def test_tokens_set_the_steps_and_finetune_is_the_same_trainer(wanda_ckpt, sotu_jsonl, tmp_path):
-    from compresskit.finetune import train_loop
+    from compresskit.heal.finetune import train_loop
     from compresskit.heal.loop import train_loop as shared
 
     assert train_loop is shared

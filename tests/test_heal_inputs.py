@@ -10,7 +10,7 @@ import pytest
 
 import compresskit
 from compresskit.checkpoint import MANIFEST_NAME
-from compresskit.training_state import state_dir_for
+from compresskit.heal.state import state_dir_for
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ Classes, each at its root:
 * ``inspect --plot`` goes through the guard every ``--plot`` uses (``OutputGuard.png``);
 * ``--force`` recognises a checkpoint by its manifest's content and never deletes a file the
   checkpoint layout does not name: it refuses (``outputs.check_replaceable``); the same for
-  finetune's ``OUT.train-state`` folder (``training_state.remove_train_state``);
+  finetune's ``OUT.train-state`` folder (``heal.state.remove_train_state``);
 * every path an option reads is an input of the guard (``outputs.option_inputs``), ``--from-order``
   included.
 

@@ -190,7 +190,7 @@ def test_seqlen_above_the_limit_only_warns_with_rope_scaling(cli, ctx):
 
 
 def test_finetune_default_warmup_fits_short_runs(cli, ctx):
-    from compresskit.finetune import FinetuneSettings, default_warmup
+    from compresskit.heal.finetune import FinetuneSettings, default_warmup
 
     assert [default_warmup(s) for s in (1, 5, 10, 50, 999, 1000, 5000)] == [0, 0, 1, 5, 99, 100, 100]
     assert FinetuneSettings(data=("c4",), steps=30).warmup == 3

@@ -12,9 +12,7 @@ from compresskit.errors import CheckpointError, InputError
 from compresskit.lowrank import (
     WELORE_TAU_TABLE,
     LowRankLinear,
-    cosine_with_warmup,
     find_global_tau,
-    freeze_all_but_lowrank,
     install_lowrank_shells,
     normalised_spectrum,
     plan_ranks,
@@ -332,11 +330,14 @@ def test_shells_reject_a_rank_map_that_does_not_fit():
 
 
 def test_freeze_all_but_lowrank_trains_only_u_and_v():
+    from compresskit.heal.loop import freeze_all_but
+    from compresskit.heal.trainables import lowrank_parameters
+
     model = _tiny_llama(seed=0, dtype=torch.float32)
     total_before = sum(p.numel() for p in model.parameters())
     spectra, shapes = _proj_spectra(model)
     rank_map = replace_with_lowrank(model, plan_ranks(spectra, shapes, 0.6, min_ratio=0.5))
-    trainable, total = freeze_all_but_lowrank(model)
+    trainable, total = freeze_all_but(model, lowrank_parameters(model))
     expected = sum(k * sum(shapes[n]) for n, k in rank_map.items())
     assert trainable == expected
     saved = sum(shapes[n][0] * shapes[n][1] - k * sum(shapes[n]) for n, k in rank_map.items())
@@ -346,6 +347,8 @@ def test_freeze_all_but_lowrank_trains_only_u_and_v():
 
 
 def test_cosine_with_warmup_hand_values():
+    from compresskit.heal.loop import cosine_with_warmup
+
     # total 100, warmup 10, r = 0.1
     assert cosine_with_warmup(0, 100, 10) == 0.0
     assert cosine_with_warmup(5, 100, 10) == pytest.approx(0.5)

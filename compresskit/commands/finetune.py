@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
         quiet: Quiet = False,
     ):
         """Fine-tune only WeLore's low-rank factors and CD-MoE's condensed layers (everything else frozen) and write a new checkpoint."""
-        from ..finetune import FinetuneSettings, finetune as run
+        from ..heal.finetune import FinetuneSettings, finetune as run
 
         settings = FinetuneSettings(steps=steps, lr=lr, **loop_settings(
             data=data, batch_size=batch_size, seqlen=seqlen, warmup=warmup, min_lr_ratio=min_lr_ratio,

@@ -3,9 +3,10 @@
 ``losses.py`` (KD / CE / KD+CE on ``analysis.distances.token_kl``) · ``trainables.py`` (what
 trains per checkpoint kind, masks) · ``teacher.py`` (the teacher, its vocabulary, memory) ·
 ``lora.py`` (peft adapters, merging, the adapter directory) · ``settings.py`` (the options and
-their checks, torch-free) · ``loop.py`` (the one trainer, also
-``compresskit finetune``'s) · ``workflow.py`` (:func:`heal`). Names resolve on first use, so
-importing the package costs nothing.
+their checks, torch-free) · ``loop.py`` (the one trainer, also ``compresskit finetune``'s) ·
+``state.py`` (the resumable training state, peak memory) · ``workflow.py`` (:func:`heal`) ·
+``finetune.py`` (``compresskit finetune``: the same trainer on WeLore's factors and CD-MoE's condensed
+layers, cross-entropy only). Names resolve on first use, so importing the package costs nothing.
 """
 
 _NAMES = {"heal": "workflow", "HealSettings": "settings", "HealOutcome": "workflow", "parse_tokens": "settings",

@@ -9,7 +9,7 @@ Data: ``steps × batch_size`` windows drawn once with the seed (any calibration 
 s always sees rows [s·B, (s+1)·B): a resumed run sees exactly the batches the uninterrupted run
 would have. Every ``save_every`` steps the trainable tensors, the AdamW state, the step, the RNG
 state, the losses and the held-out curve are written atomically to ``<out>.train-state/``
-(``training_state.py``); ``resume`` continues from there and, on CPU, ends with the same weights
+(``heal/state.py``); ``resume`` continues from there and, on CPU, ends with the same weights
 as an uninterrupted run. Ctrl-C leaves the last saved state and never a partial output.
 """
 
@@ -30,8 +30,7 @@ from ..errors import InputError
 from ..evaluation.perplexity import windowed_perplexity
 from ..evaluation.sparsity import count_parameters, measure_sparsity, trained_parameter_counts
 from ..models import get_adapter
-from ..lowrank.finetune_utils import cosine_with_warmup
-from ..training_state import PeakMemory, load_train_state, save_train_state
+from .state import PeakMemory, load_train_state, save_train_state
 from .settings import DEFAULT_SEQLEN, TrainSettings, default_warmup  # noqa: F401 (the trainer's names)
 
 Progress = Callable[[str, int, int, str], None]
@@ -71,6 +70,26 @@ def batch_at(ids: torch.Tensor, mask: torch.Tensor | None, step: int, size: int,
 
 
 # --------------------------------------------------------------------------- model preparation
+def cosine_with_warmup(step: int, total: int, warmup: int, min_lr_ratio: float = 0.1) -> float:
+    """Learning-rate multiplier at ``step`` (0-based): WeLore's schedule (the ReLoRA scheduler its
+    reference imports, ``peft_pretraining/training_utils.py``, single cycle; methods.md §6.3).
+
+    * warmup (step < warmup): step / warmup, so 0 at step 0 and 1 at the end of warmup;
+    * then r + (1 − r) · ½ · (1 + cos(π · t)), t = (step − warmup) / (total − warmup) clamped to
+      [0, 1], r = ``min_lr_ratio``: 1 at the end of warmup, (1 + r)/2 halfway, r from ``total`` on.
+    """
+    if total <= 0 or not 0 <= warmup <= total:
+        raise ValueError(f"need 0 <= warmup <= total, total > 0; got {warmup=}, {total=}")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+    if step < warmup:
+        return step / warmup
+    if total == warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def freeze_all_but(model, trainable: dict[str, torch.nn.Parameter]) -> tuple[int, int]:
     """Only ``trainable`` gets gradients; returns (trainable, total) element counts."""
     for p in model.parameters():

@@ -30,7 +30,7 @@ from ..errors import InputError
 from ..models.builtin import is_builtin
 from ..models.loading import load_model
 from ..models.source import HUB_ID
-from ..training_state import training_memory_bytes
+from .state import training_memory_bytes
 from .loop import autocast
 
 GIB = 2 ** 30

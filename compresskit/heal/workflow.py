@@ -30,7 +30,7 @@ from ..models import get_adapter
 from ..models.builtin import builtin_model_dir, is_builtin
 from ..models.context import check_token_ids, fit_seqlen
 from ..models.loading import resolve_device, resolve_dtype
-from ..training_state import remove_train_state, state_dir_for, training_memory_bytes
+from .state import remove_train_state, state_dir_for, training_memory_bytes
 from .loop import (DEFAULT_SEQLEN, Progress, default_warmup, evaluate_heldout, freeze_all_but, prepare, run_training,
                    trained_manifest, training_windows, unprepare)
 from .lora import add_lora, check_adapter_output, lora_parameters, merge, parse_targets, save_adapter

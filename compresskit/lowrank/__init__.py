@@ -1,8 +1,8 @@
-"""Low-rank compression (WeLore): rank planning, ``LowRankLinear``, fine-tuning helpers."""
+"""Low-rank compression (WeLore): rank planning and ``LowRankLinear`` (its fine-tuning is
+``compresskit heal`` / ``finetune``: ``heal.trainables`` picks the factors, ``heal.loop`` trains them)."""
 
 from __future__ import annotations
 
-from compresskit.lowrank.finetune_utils import cosine_with_warmup, freeze_all_but_lowrank
 from compresskit.lowrank.layer import LowRankLinear, install_lowrank_shells, replace_with_lowrank
 from compresskit.lowrank.plan import (
     WELORE_TAU_TABLE,
@@ -20,9 +20,7 @@ __all__ = [
     "LowRankLinear",
     "RankPlan",
     "WeLorePlan",
-    "cosine_with_warmup",
     "find_global_tau",
-    "freeze_all_but_lowrank",
     "install_lowrank_shells",
     "normalised_spectrum",
     "plan_ranks",

@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
-from .checkpoint import Manifest, check_output_dir, load_with_tokenizer, save_checkpoint
-from .errors import InputError
-from .heal.loop import (DEFAULT_SEQLEN, Progress, TrainSettings, default_warmup, evaluate_heldout, freeze_all_but,
+from ..checkpoint import Manifest, check_output_dir, load_with_tokenizer, save_checkpoint
+from ..errors import InputError
+from .loop import (DEFAULT_SEQLEN, Progress, TrainSettings, default_warmup, evaluate_heldout, freeze_all_but,
                         prepare, run_training, train_loop, trained_manifest, training_windows, unprepare)
-from .heal.trainables import declared_trainable_modules, lowrank_parameters
-from .training_state import PeakMemory, remove_train_state, state_dir_for, training_memory_bytes
+from .trainables import declared_trainable_modules, lowrank_parameters
+from .state import PeakMemory, remove_train_state, state_dir_for, training_memory_bytes
 
 #: today's name of the trainer's settings
 FinetuneSettings = TrainSettings
@@ -78,7 +78,7 @@ def finetune(
     progress: Progress | None = None,
 ) -> FinetuneOutcome:
     """Fine-tune the low-rank factors of ``checkpoint`` and write the result to ``out``."""
-    from .models.loading import resolve_device, resolve_dtype
+    from ..models.loading import resolve_device, resolve_dtype
 
     t_start = time.perf_counter()
     settings.validate()
@@ -98,7 +98,7 @@ def finetune(
 
     t0 = time.perf_counter()
     model, tokenizer = load_with_tokenizer(checkpoint)
-    from .models.context import check_token_ids, fit_seqlen
+    from ..models.context import check_token_ids, fit_seqlen
 
     seqlen, lowered = fit_seqlen(model, settings.seqlen, DEFAULT_SEQLEN)
     settings = replace(settings, seqlen=seqlen, seqlen_default=lowered)
@@ -110,7 +110,7 @@ def finetune(
     check_token_ids(model, ids, "the training data")
     eval_ids = None
     if settings.eval_data is not None:
-        from .evaluation.perplexity import perplexity_tokens
+        from ..evaluation.perplexity import perplexity_tokens
 
         eval_ids, eval_info = perplexity_tokens(tokenizer, settings.eval_data, settings.seqlen)
     load_s = time.perf_counter() - t0
@@ -142,7 +142,7 @@ def finetune(
 def _read_input_manifest(checkpoint: Path) -> Manifest:
     """The input's manifest, or the real reason it cannot be fine-tuned (missing, not a
     checkpoint, a structure this version cannot rebuild, no low-rank factors)."""
-    from .checkpoint.structure import known_structure_kinds
+    from ..checkpoint.structure import known_structure_kinds
 
     if not checkpoint.exists():
         raise InputError(f"checkpoint {checkpoint} does not exist; {GIVE_A_CHECKPOINT}")

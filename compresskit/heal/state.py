@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 STATE_VERSION = 1
 STATE_FILE = "state.pt"
