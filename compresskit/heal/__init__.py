@@ -10,7 +10,7 @@ layers, cross-entropy only). Names resolve on first use, so importing the packag
 """
 
 _NAMES = {"heal": "workflow", "HealSettings": "settings", "HealOutcome": "workflow", "parse_tokens": "settings",
-          "load_healed": "lora", "TrainSettings": "settings", "LossSpec": "losses", "kd_loss": "losses"}
+          "load_healed": "lora", "TrainSettings": "settings", "LossSpec": "settings", "kd_loss": "losses"}
 
 
 def __getattr__(name: str):

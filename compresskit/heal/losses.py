@@ -12,26 +12,11 @@ renormalised (EvoPress's top-K form) — K/vocab of the memory of the full logit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from ..analysis.distances import token_kl, top_k_logits
-
-from .settings import LOSSES  # noqa: E402,F401
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    kind: str = "kd"
-    kd_weight: float = 0.5  # kd+ce only
-    temperature: float = 1.0
-    top_k: int | None = None
-
-    @property
-    def needs_teacher(self) -> bool:
-        return self.kind != "ce"
+from .settings import LOSSES, LossSpec  # noqa: F401 (LOSSES: the loss names, re-exported)
 
 
 def kd_loss(teacher: torch.Tensor | tuple[torch.Tensor, torch.Tensor], student: torch.Tensor,

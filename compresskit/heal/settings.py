@@ -12,6 +12,22 @@ from typing import Any
 from ..errors import InputError
 
 LOSSES = ("kd", "ce", "kd+ce")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The loss of a healing run (``losses.healing_loss``): kind, KD weight, temperature, top-K."""
+
+    kind: str = "kd"
+    kd_weight: float = 0.5  # kd+ce only
+    temperature: float = 1.0
+    top_k: int | None = None
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.kind != "ce"
+
+
 TRAIN_MODES = ("auto", "full", "neighbours", "lora")
 #: WeLore's fine-tuning window; an unset --seqlen is this, fitted to the model's context.
 DEFAULT_SEQLEN = 512
@@ -153,9 +169,7 @@ class HealSettings(TrainSettings):
             parse_targets(self.lora_targets)
 
     @property
-    def loss_spec(self):
-        from .losses import LossSpec
-
+    def loss_spec(self) -> LossSpec:
         return LossSpec(kind=self.loss, kd_weight=0.5 if self.kd_weight is None else self.kd_weight,
                         temperature=self.temperature, top_k=self.kl_top_k)
 
