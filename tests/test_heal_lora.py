@@ -4,6 +4,7 @@ compresskit's logits; ``--merge`` keeps the checkpoint's kind (a sparse one keep
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,28 @@ def test_an_adapter_loads_with_peft_and_gives_compresskits_logits(wanda_ckpt, so
     # --force replaces an adapter directory heal wrote (and nothing else)
     again = heal(wanda_ckpt, out, _settings(sotu_jsonl, steps=1), device="cpu", force=True)
     assert again.record["method_details"]["steps"] == 1
+    assert json.loads((out / "heal.json").read_text())["method_details"]["steps"] == 1
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")) == []  # no temporaries
+    # an interrupted save leaves the earlier adapter directory as it was, and no temporary
+    import compresskit.heal.lora as lora_module
+
+    calls = []
+
+    def fail(*args, **kwargs):  # heal.json is the last file written into the temporary directory
+        calls.append(sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp-")))
+        raise KeyboardInterrupt
+
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    original = lora_module.json
+    lora_module.json = SimpleNamespace(dumps=fail, loads=json.loads)  # this module's json only
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            heal(wanda_ckpt, out, _settings(sotu_jsonl, steps=1), device="cpu", force=True)
+    finally:
+        lora_module.json = original
+    assert len(calls) == 1 and len(calls[0]) == 1  # it failed inside the save, with the adapter written
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")) == []
 
 
 def test_merging_into_a_sparse_checkpoint_keeps_every_mask(wanda_ckpt, sotu_jsonl, tmp_path):

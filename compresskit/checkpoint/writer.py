@@ -121,13 +121,17 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
 
 
 @contextmanager
-def atomic_directory(out_dir: str | Path, force: bool = False):
+def atomic_directory(out_dir: str | Path, force: bool = False, replaceable=None, what: str = "checkpoint"):
     """Yield a temporary directory that becomes ``out_dir`` only if the block completes.
 
     The temporary sibling is ``.NAME.tmp-HOST-PID-XXXX`` (stale ones of dead processes are removed
     first) and gets the permissions of a normal ``mkdir`` (``0o777 & ~umask``, not mkdtemp's 0700).
     ``OSError`` while writing (disk full, permissions) becomes a one-line ``CheckpointError``.
+    An existing ``out_dir`` is replaced only with ``force`` and after ``replaceable(out)`` (default
+    ``check_replaceable``: a compresskit checkpoint by content) passes again at the end; ``what``
+    names the directory in errors (e.g. "adapter directory").
     """
+    replaceable = replaceable or check_replaceable
     out = Path(out_dir).expanduser().resolve()
     tmp = None
     try:
@@ -139,7 +143,7 @@ def atomic_directory(out_dir: str | Path, force: bool = False):
         if out.exists():
             if not force:
                 raise CheckpointError(f"output {out} already exists; pass --force to replace it")
-            check_replaceable(out)  # again at the end: by content, and never with files the layout does not name
+            replaceable(out)  # again at the end: by content, and never with files the layout does not name
             trash = out.parent / f".{out.name}.old-{HOST}-{os.getpid()}"
             os.replace(out, trash)
             os.replace(tmp, out)
@@ -150,7 +154,7 @@ def atomic_directory(out_dir: str | Path, force: bool = False):
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        raise CheckpointError(f"cannot write checkpoint {out}: {exc.strerror or exc}{where}") from None
+        raise CheckpointError(f"cannot write {what} {out}: {exc.strerror or exc}{where}") from None
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -23,15 +23,12 @@ Saved two ways:
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import check_output_dir, load
+from ..checkpoint import atomic_directory, check_output_dir, load
 from ..errors import InputError
 from .settings import parse_targets  # noqa: F401 (heal --lora-targets)
 from .trainables import apply_masks
@@ -88,38 +85,31 @@ def check_adapter_output(out: Path, force: bool, inputs: list) -> None:
     if out.is_dir() and is_adapter_dir(out):
         if not force:
             raise InputError(f"output {out} already exists; pass --force to replace it")
-        foreign = sorted(e.name for e in out.iterdir() if e.name not in (*ADAPTER_FILES, RECORD))
-        if foreign:
-            raise InputError(f"output {out} is a heal adapter directory but also holds {foreign[0]}, which compresskit "
-                             "did not write; --force never deletes such files: move them away or choose a new directory")
+        _adapter_replaceable(out)
         return
     check_output_dir(out, force, input_path=inputs[0], inputs=inputs[1:])
 
 
+def _adapter_replaceable(out: Path) -> None:
+    """An adapter directory ``heal`` wrote, holding nothing compresskit did not write."""
+    if not is_adapter_dir(out):
+        raise InputError(f"output {out} is not an adapter directory compresskit heal wrote; choose a new directory")
+    foreign = sorted(e.name for e in out.iterdir() if e.name not in (*ADAPTER_FILES, RECORD))
+    if foreign:
+        raise InputError(f"output {out} is a heal adapter directory but also holds {foreign[0]}, which compresskit "
+                         "did not write; --force never deletes such files: move them away or choose a new directory")
+
+
 def save_adapter(peft_model, out: Path, base: Path, record: dict, force: bool) -> Path:
-    """Write the adapter + ``heal.json`` into a temporary sibling and rename it into place."""
+    """Write the adapter + ``heal.json`` into a temporary sibling and rename it into place (the
+    checkpoint writer's ``atomic_directory``: an interrupted save leaves nothing)."""
     out = Path(out).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out, force=force, replaceable=_adapter_replaceable, what="adapter directory") as tmp:
         for config in peft_model.peft_config.values():
             config.base_model_name_or_path = str(base)
         peft_model.save_pretrained(tmp)
         (tmp / RECORD).write_text(json.dumps({**record, "written_by": WRITTEN_BY, "base_checkpoint": str(base)},
                                              indent=2, default=str) + "\n")
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            if not force:
-                raise InputError(f"output {out} already exists; pass --force to replace it")
-            trash = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
