@@ -15,7 +15,16 @@ keeps what it measured and a rerun skips the rows already there):
   generation, projected paper-schedule time, peak GPU memory; not quality).
 * ``sparsity`` — 70 % (``--sparsities``) unstructured with Wanda (``--pruners``): uniform, OWL,
   AlphaPruning (ε = 0.2, as sparsity_smollm2.py), EvoPress ``fast`` from uniform, EvoPress seeded
-  from all three; search time, database size.
+  from all three; search time, database size and build time, peak RSS of each row (VmHWM reset
+  before it), the fitness per generation of every EvoPress row (``fitness_per_generation``, from the
+  manifest's history; generation 0 = the best seed). Per (sparsity, pruner) the reusable heuristic
+  rows come first (no work), then the EvoPress rows (the second reuses the first's level database:
+  ``database_reused``), then the heuristic rows pruned here: those not reusable and, with
+  ``--piqa-limit`` (``--reprune-heuristics``), the reused ones again, since a reused row has no model
+  and so no PIQA (its reused ppl stays beside, ``reused_ppl``, as a cross-check). The plot
+  (``<out>.png``): best fitness per generation, and held-out ppl against fitness per row (heuristic
+  rows at the KL their allocation got as a seed). Two processes never share an ``--out``: give each
+  its own and join them with ``--merge-from``.
 
 Protocol. Calibration: State of the Union addresses (``corpora/sotu.jsonl``); held-out: WikiText-2
 test (the perplexity module's protocol: non-overlapping windows of ``--eval-seqlen``, the first
@@ -34,6 +43,8 @@ The schedules are cut to fit a 2-core CPU shared with other jobs (``--generation
 generations than the reference's k(n−k)/1.5 = 107 for depth.
 
     nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/evopress.py --suite depth
+    nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/evopress.py --suite sparsity --sparsities 0.7 \
+        --pruners wanda --schedule fast --eval-windows 8 --piqa-limit 100 --out benchmarks/results/evopress_sparsity_grid.json
     python benchmarks/evopress.py --suite depth --report-only
 """
 
@@ -64,6 +75,27 @@ MODEL = "smollm2-135m"
 
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set (Linux ≥ 4.0: ``clear_refs`` 5 resets VmHWM), so the
+    next :func:`row_peak_rss_mb` is one row's peak, not the process's since start."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def row_peak_rss_mb() -> float:
+    """VmHWM: the peak resident set since the last :func:`reset_peak_rss` (else ``ru_maxrss``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(rss_mb(), 1)
 
 
 def fresh(dtype: str = "float32"):
@@ -288,7 +320,10 @@ def run_depth(args) -> dict:
     return rows.data
 
 
-def plot_history(data: dict, path: Path) -> None:
+def plot_history(data: dict, path: Path, points: list[dict] | None = None) -> None:
+    """Left: best fitness per generation of every search row. Right: held-out ppl against fitness —
+    the depth suite's successive parents (``tracking``), or ``points`` (the sparsity suite: one per
+    row, ``{"pair", "kind", "fitness", "ppl"}``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -296,13 +331,15 @@ def plot_history(data: dict, path: Path) -> None:
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for r in data["rows"]:
-        hist = (r.get("details") or {}).get("history") or (r.get("details") or {}).get("fitness_history")
+        hist = r.get("fitness_per_generation") or (r.get("details") or {}).get("history") \
+            or (r.get("details") or {}).get("fitness_history")
         if hist:
             ax.plot([h["generation"] for h in hist], [h["best_fitness"] for h in hist], marker="o", ms=2, label=r["label"])
     ax.set_xlabel("generation")
     ax.set_ylabel("KL to the dense model (last stage)")
     ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    if ax.get_lines():
+        ax.legend(fontsize=6)
     ax.set_title("fitness per generation", fontsize=9)
     track = sorted(data.get("tracking", []), key=lambda t: t["generation"])
     if track:
@@ -312,6 +349,24 @@ def plot_history(data: dict, path: Path) -> None:
         ax2.set_xlabel("search fitness (KL, calibration)")
         ax2.set_ylabel("held-out WikiText-2 ppl")
         ax2.set_title("held-out ppl of successive parents (label: generation)", fontsize=9)
+    elif points:
+        markers = {"uniform": "s", "owl": "^", "alphapruning": "v", "evopress": "o", "evopress seeded": "*"}
+        pairs = list(dict.fromkeys(p["pair"] for p in points))
+        colors = {pair: f"C{i}" for i, pair in enumerate(pairs)}
+        for p in points:
+            ax2.scatter(p["fitness"], p["ppl"], marker=markers.get(p["kind"], "o"), color=colors[p["pair"]],
+                        s=40 if p["kind"] == "evopress seeded" else 22)
+        for pair in pairs:  # one line per pair, by fitness
+            pts = sorted((p["fitness"], p["ppl"]) for p in points if p["pair"] == pair)
+            ax2.plot([a for a, _ in pts], [b for _, b in pts], color=colors[pair], lw=0.7, label=pair)
+        for kind, mk in markers.items():
+            ax2.scatter([], [], marker=mk, color="grey", label=kind)
+        ax2.set_xscale("log")
+        ax2.set_yscale("log")
+        ax2.legend(fontsize=6)
+        ax2.set_xlabel("search fitness (KL on the last stage's calibration tokens)")
+        ax2.set_ylabel("held-out WikiText-2 ppl")
+        ax2.set_title("held-out ppl against fitness (heuristics: KL as seeds)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -369,6 +424,66 @@ def reusable_allocation_rows(args) -> dict[str, dict]:
     return out
 
 
+def _progress_printer():
+    """Plain progress lines (the run is logged to a file): every generation, every tenth database block."""
+    t0 = time.perf_counter()
+
+    def show(phase: str, done: int, total: int, label: str = "") -> None:
+        if phase == "evopress" or (phase == "level database" and (done % 10 == 0 or done == total)) \
+                or (phase in ("fitness", "dense logits") and done == total):
+            print(f"  [{time.perf_counter() - t0:7.0f}s] {phase} {done}/{total} {label}", flush=True)
+
+    return show
+
+
+def with_generation_fields(row: dict) -> dict:
+    """An EvoPress row's fitness per generation (from the manifest's history; generation 0 = the best
+    seed), its mean seconds per generation and its search time without the database pass."""
+    d = row.get("details") or {}
+    hist = d.get("fitness_history") or d.get("history") or []
+    if row.get("method") != "evopress" or not hist:
+        return row
+    seeds = d.get("seed_fitness") or {}
+    first = [{"generation": 0, "best_fitness": min(seeds.values()), "origin": d.get("seed_winner")}] if seeds else []
+    row["fitness_per_generation"] = first + [
+        {k: h.get(k) for k in ("generation", "best_fitness", "origin", "improved", "seconds")} for h in hist]
+    row["generations_done"] = len(hist)
+    row["generation_s_mean"] = round(sum(h.get("seconds", 0) for h in hist) / len(hist), 2)
+    if row.get("search_s") is not None and row.get("database_s") is not None:
+        row["search_without_database_s"] = round(row["search_s"] - row["database_s"], 1)
+    db = d.get("database") or {}
+    row.setdefault("database_build_s", db.get("build_s"))
+    return row
+
+
+def merge_rows(rows: "Rows", paths: list[Path]) -> None:
+    """Rows measured by another process into another ``--out`` (same settings and evaluation) join
+    ours: a label we lack, or lack ``ppl`` for, or a heuristic row they re-pruned and we did not."""
+    for path in paths:
+        theirs = json.loads(path.read_text())
+        if theirs.get("settings") != rows.data["settings"] or theirs.get("evaluation") != rows.data.get("evaluation"):
+            raise SystemExit(f"error: {path} was measured with other settings or evaluation; not merged")
+        for r in theirs["rows"]:
+            mine = rows.get(r["label"])
+            if mine is None or ("ppl" not in mine and "ppl" in r) or (r.get("repruned") and not mine.get("repruned")):
+                rows.put(dict(r, merged_from=path.name))
+                print(f"merged {r['label']} from {path.name}", flush=True)
+
+
+def _pair_plan(plan: list[dict], reuse: dict, reprune: bool) -> list[tuple[str, dict]]:
+    """Per (sparsity, pruner): the reusable heuristic rows first (no work), then the EvoPress rows,
+    then the heuristic rows pruned here (not reusable, or re-pruned for PIQA)."""
+    out = []
+    pairs = list(dict.fromkeys((c["sparsity"], c["pruner"]) for c in plan))
+    for pair in pairs:
+        cfgs = [c for c in plan if (c["sparsity"], c["pruner"]) == pair]
+        heur = [c for c in cfgs if c["method"] != "evopress"]
+        out += [("reuse", c) for c in heur if c["label"] in reuse]
+        out += [("search", c) for c in cfgs if c["method"] == "evopress"]
+        out += [("prune", c) for c in heur if c["label"] not in reuse or reprune]
+    return out
+
+
 def run_sparsity(args) -> dict:
     sotu = shared_data_dir() / "corpora" / "sotu.jsonl"
     options = {k: v for k, v in {"schedule": args.schedule, "generations": args.generations, "offspring": args.offspring,
@@ -377,41 +492,121 @@ def run_sparsity(args) -> dict:
     settings = {"suite": "sparsity", "model": MODEL, "calib": "sotu.jsonl", "calib_format": "window",
                 "nsamples": args.sp_nsamples, "seqlen": args.sp_seqlen, "evopress": options, "dtype": args.sp_dtype}
     evaluation = {"eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows, "piqa_limit": args.piqa_limit}
-    rows = Rows(args.out or RESULTS / "evopress_sparsity.json", settings, evaluation)
+    out_path = args.out or RESULTS / "evopress_sparsity.json"
+    rows = Rows(out_path, settings, evaluation)
+    if args.merge_from:
+        merge_rows(rows, [Path(p) for p in args.merge_from.split(",")])
     plan = sparsity_configs([float(s) for s in args.sparsities.split(",")], args.pruners.split(","), options)
-    _, tok = fresh(args.sp_dtype)
-    ids, info = perplexity_tokens(tok, "wikitext2", args.eval_seqlen)
-    rows.data["wikitext2"] = info
     reuse = reusable_allocation_rows(args)
-    for cfg in plan:
+    reprune = args.reprune_heuristics == "always" or (args.reprune_heuristics == "auto" and args.piqa_limit > 0)
+    todo = []
+    for stage, cfg in _pair_plan(plan, reuse, reprune):
         if args.only and not any(s in cfg["label"] for s in args.only.split(",")):
             continue
         row = rows.get(cfg["label"])
-        if row is not None and "ppl" in row:
+        if stage == "prune" and row is not None and "ppl" in row and (row.get("repruned") or cfg["label"] not in reuse):
             continue
-        if cfg["method"] != "evopress" and cfg["label"] in reuse:
+        if stage != "prune" and row is not None and "ppl" in row:
+            continue
+        todo.append((stage, cfg))
+    tok = ids = None
+    if any(stage != "reuse" for stage, _ in todo):
+        _, tok = fresh(args.sp_dtype)
+        ids, info = perplexity_tokens(tok, "wikitext2", args.eval_seqlen)
+        rows.data["wikitext2"] = info
+    for stage, cfg in todo:
+        if stage == "reuse":
             rows.put(dict(cfg, **reuse[cfg["label"]]))
             print(f"{cfg['label']:35s} ppl {reuse[cfg['label']]['ppl']:10.2f} (reused)", flush=True)
             continue
+        print(f"{time.strftime('%H:%M:%S')} {cfg['label']}: {stage}", flush=True)
+        reset_peak_rss()
         t0 = time.perf_counter()
         out = compresskit.prune(MODEL, cfg["method"], pruner=cfg["pruner"], sparsity=cfg["sparsity"],
                                 calib=f"file:{sotu}", nsamples=args.sp_nsamples, seqlen=args.sp_seqlen, seed=0,
-                                device="cpu", dtype=args.sp_dtype, method_options=cfg.get("options"))
+                                device="cpu", dtype=args.sp_dtype, method_options=cfg.get("options"),
+                                progress=_progress_printer())
         m = out.manifest
-        row = dict(cfg, prune_s=round(time.perf_counter() - t0, 1), peak_rss_mb=round(rss_mb(), 1),
+        # peak RSS of this row's prune / search (VmHWM reset before it); the process's since start beside it
+        row = dict(cfg, prune_s=round(time.perf_counter() - t0, 1), peak_rss_mb=row_peak_rss_mb(),
+                   process_peak_rss_mb=round(rss_mb(), 1),
                    measured_sparsity=m.sparsity.get("overall"), block_ratios=m.block_ratios)
         if cfg["method"] == "evopress":
             d = m.method_details
             db = d.get("database") or {}
             row.update(final_fitness=d.get("final_fitness"), seed_fitness=d.get("seed_fitness"),
                        seed_winner=d.get("seed_winner"), database_bytes=db.get("bytes"), database_reused=db.get("reused"),
+                       database_key=db.get("key"), database_build_s=db.get("build_s"),
                        database_s=m.timings.get("database_s"), search_s=m.timings.get("search_s"),
                        tokens_seen=d.get("tokens_seen"), details=d)
+            with_generation_fields(row)
+        elif cfg["label"] in reuse:  # re-pruned for PIQA: the reused figure stays beside ours as a cross-check
+            old = reuse[cfg["label"]]
+            row.update(repruned=True, reused_ppl=old["ppl"], reused_prune_s=old["prune_s"],
+                       reused_measured_sparsity=old["measured_sparsity"], cross_check_from=old["reused_from"])
         rows.put(evaluate_row(row, out.model, tok, ids, args))
-        print(f"{cfg['label']:35s} ppl {row['ppl']:10.2f} prune {row['prune_s']:8.1f}s rss {row['peak_rss_mb']:.0f} MB",
-              flush=True)
+        extra = f" (reused {row['reused_ppl']:.2f})" if row.get("repruned") else ""
+        print(f"{cfg['label']:35s} ppl {row['ppl']:10.2f}{extra} piqa {row.get('piqa')} prune {row['prune_s']:8.1f}s "
+              f"rss {row['peak_rss_mb']:.0f} MB", flush=True)
         del out
+    for r in rows.data["rows"]:
+        with_generation_fields(r)
+    if rows.data["rows"]:
+        rows.put(rows.data["rows"][-1])  # the derived fields, written
+        plot_history(rows.data, out_path.with_suffix(".png"), points=sparsity_points(rows.data))
     return rows.data
+
+
+def sparsity_points(data: dict) -> list[dict]:
+    """(KL, held-out ppl) per row for the plot: EvoPress rows at their final fitness; heuristic rows at
+    the fitness their allocation got as a seed of the same pair's seeded search (its level vector on
+    the same calibration tokens) — unless the seed is another allocation than the row's: the
+    AlphaPruning seed takes the largest feasible ε ≤ 0.3 (``seed_settings``), the row ε = 0.2."""
+    points = []
+    by_pair = {}
+    for r in data["rows"]:
+        if r.get("method") == "evopress" and r.get("seed_fitness"):
+            key = (r["sparsity"], r["pruner"])
+            if len(r["seed_fitness"]) > len(by_pair.get(key, ({}, {}))[0]):
+                by_pair[key] = (r["seed_fitness"], (r.get("details") or {}).get("seed_settings") or {})
+    for r in data["rows"]:
+        if "ppl" not in r:
+            continue
+        pair = f"{r['pruner']} {r['sparsity']:.0%}"
+        if r.get("method") == "evopress" and r.get("final_fitness") is not None:
+            kind = "evopress seeded" if "seeded" in r["label"] else "evopress"
+            points.append({"pair": pair, "kind": kind, "fitness": r["final_fitness"], "ppl": r["ppl"]})
+        elif r.get("method") != "evopress":
+            fit, seed_settings = by_pair.get((r["sparsity"], r["pruner"]), ({}, {}))
+            kl = fit.get(r["method"])
+            theirs = (seed_settings.get(r["method"]) or {}).get("alpha_epsilon")
+            ours = (r.get("options") or {}).get("alpha_epsilon")
+            if theirs is not None and ours is not None and abs(theirs - ours) > 1e-3:
+                kl = None  # the seed was another allocation than this row's
+            if kl is not None:
+                points.append({"pair": pair, "kind": r["method"], "fitness": kl, "ppl": r["ppl"]})
+    return points
+
+
+def sparsity_table(data: dict) -> str:
+    s = data["settings"]
+    lines = [f"suite {s['suite']}: {json.dumps(s)}", f"evaluation: {json.dumps(data.get('evaluation'))}", "",
+             "| row | ppl | reused ppl | PIQA | prune/search s | gens × s/gen | DB MB | DB build s (reused) | "
+             "peak RSS MB | final KL | seed KL | winner |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    for r in data["rows"]:
+        seeds = " / ".join(f"{k} {v:.3f}" for k, v in (r.get("seed_fitness") or {}).items())
+        gens = f"{r['generations_done']} × {r['generation_s_mean']}" if r.get("generations_done") else "-"
+        db = "-" if r.get("database_bytes") is None else f"{r['database_bytes'] / 2**20:.0f}"
+        dbs = "-" if r.get("database_build_s") is None else f"{r['database_build_s']:.0f} ({'yes' if r.get('database_reused') else 'no'})"
+        lines.append(f"| {r['label']} | {f(r.get('ppl'), '.2f')}{' (reused)' if r.get('reused_from') else ''} | "
+                     f"{f(r.get('reused_ppl'), '.2f')} | {f(r.get('piqa'), '.3f')} | "
+                     f"{r.get('search_s', r.get('prune_s'))} | {gens} | {db} | {dbs} | {r.get('peak_rss_mb', '-')} | "
+                     f"{f(r.get('final_fitness'), '.4f')} | {seeds or '-'} | {r.get('seed_winner') or '-'} |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- GPU, 7B shape
@@ -531,6 +726,13 @@ def main() -> None:
                          "the same --out; rows are merged)")
     ap.add_argument("--finercut-json", type=Path, default=RESULTS / "finercut_smollm2.json")
     ap.add_argument("--only", default=None, help="sparsity: comma-separated label substrings")
+    ap.add_argument("--reprune-heuristics", choices=["auto", "always", "never"], default="auto",
+                    help="sparsity: prune the uniform/OWL/AlphaPruning rows again although sparsity_smollm2_allocation.json "
+                         "has their ppl (a reused row has no model, hence no PIQA); the reused ppl stays beside the new one "
+                         "as a cross-check. auto: when --piqa-limit > 0. They run after the pair's EvoPress rows.")
+    ap.add_argument("--merge-from", default=None,
+                    help="sparsity: comma-separated JSON files another process wrote (its own --out, same settings): "
+                         "their rows join --out")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
@@ -546,9 +748,12 @@ def main() -> None:
         return
     if args.report_only:
         data = json.loads(out.read_text())
+        if args.suite == "sparsity":
+            for r in data["rows"]:
+                with_generation_fields(r)
     else:
         data = run_depth(args) if args.suite == "depth" else run_sparsity(args)
-    print(table(data))
+    print(sparsity_table(data) if args.suite == "sparsity" else table(data))
 
 
 if __name__ == "__main__":
