@@ -22,21 +22,22 @@ def run_search(model_dir: str, calib: str) -> tuple[dict, int]:
     from compresskit.search import fitness as fitness_module
 
     scored = [0]
-    original = fitness_module.KLFitness.score
+    original = fitness_module.KLFitness._score_all
 
-    def counting(self, levels, tokens):
-        scored[0] += 1
-        return original(self, levels, tokens)
+    def counting(self, batch, candidates, mine, parent):
+        scored[0] += len(mine)  # the candidates this rank scores itself
+        return original(self, batch, candidates, mine, parent)
 
-    fitness_module.KLFitness.score = counting
+    fitness_module.KLFitness._score_all = counting
     try:
         outcome = api.prune(model_dir, "evopress", sparsity=0.5, pruner="wanda", calib=calib,
                             method_options=OPTIONS, **CALIB)
     finally:
-        fitness_module.KLFitness.score = original
+        fitness_module.KLFitness._score_all = original
     d = outcome.manifest.method_details
     record = {"levels": d["levels_per_matrix"], "history": [h["best_fitness"] for h in d["fitness_history"]],
-              "seed_fitness": d["seed_fitness"], "database": d["database"]["key"]}
+              "seed_fitness": d["seed_fitness"], "pool_fitness": d["pool_fitness"], "choice": d["final_choice"],
+              "database": d["database"]["key"]}
     return record, scored[0]
 
 

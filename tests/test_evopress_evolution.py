@@ -12,6 +12,7 @@ from compresskit.search.evolution import (
     Schedule,
     Stage,
     evolve,
+    final_selection,
     group_sums,
     level_switch,
     paper_depth_schedule,
@@ -60,10 +61,11 @@ def test_level_switch_without_possible_flip_returns_copy():
 def _toy_fitness(target, calls=None):
     """Separable: sum of (level - target)^2 plus a token-dependent but order-preserving offset."""
 
-    def fitness(candidates, tokens):
+    def fitness(candidates, tokens, *, draw, parent):
         if calls is not None:
-            calls.append((len(candidates), tokens))
-        return [sum((v - t) ** 2 for v, t in zip(c, target)) + 1.0 / tokens for c in candidates]
+            calls.append((len(candidates), tokens, draw, None if parent is None else list(parent)))
+        return [sum((v - t) ** 2 for v, t in zip(c, target)) + (0.0 if tokens is None else 1.0 / tokens)
+                for c in candidates]
 
     return fitness
 
@@ -97,13 +99,30 @@ def test_best_seed_becomes_parent_and_origin():
         evolve({"a": [0] * n, "b": [1] + [0] * (n - 1)}, _toy_fitness(target), SMALL, [0] * n, [-3] * n, [3] * n, 0)
 
 
-def test_stages_score_offspring_then_survivors_parent_not_rescored():
+def test_stages_draw_afresh_and_the_parent_is_rescored_in_the_last_stage():
     calls = []
     n = 8
     schedule = Schedule("s", 3, 6, (Stage(16, 3), Stage(64, 1)))
-    evolve({"u": [0] * n}, _toy_fitness([1, -1] * 4, calls), schedule, [0] * n, [-2] * n, [2] * n, 0)
-    # the seed on the last stage's tokens, then per generation 6 offspring on 16 and 3 survivors on 64
-    assert calls == [(1, 64)] + [(6, 16), (3, 64)] * 3
+    state = evolve({"u": [0] * n}, _toy_fitness([1, -1] * 4, calls), schedule, [0] * n, [-2] * n, [2] * n, 0)
+    # the seed on draw (0, last stage); per generation g: 6 offspring on draw (g, 0), then the 3 survivors
+    # and the parent on draw (g, 1) — a fresh minibatch per stage and generation, as the reference's selection
+    assert [(c[0], c[1], c[2]) for c in calls] == [(1, 64, (0, 1))] + [
+        x for g in (1, 2, 3) for x in ((6, 16, (g, 0)), (4, 64, (g, 1)))]
+    assert calls[0][3] is None and all(c[3] is not None for c in calls[1:])  # the parent is named for its block inputs
+    assert state.tokens_seen == 64 + 3 * (6 * 16 + 4 * 64)
+
+
+def test_final_selection_keeps_a_seed_that_beats_the_last_parent_on_every_token():
+    n = 4
+    target = [1, -1, 0, 0]
+    state = evolve({"u": [0] * n}, _toy_fitness(target), Schedule("s", 0, 2, (Stage(8, 1),)), [0] * n, [-2] * n,
+                   [2] * n, 0)
+    state.parent = [2, -2, 0, 0]  # a parent that a noisy draw favoured, worse than the seed below
+    vector, name, values = final_selection(state, {"u": [0] * n, "good": [1, -1, 0, 0]}, _toy_fitness(target))
+    assert (vector, name) == ([1, -1, 0, 0], "good")
+    assert values == {"search": 2.0, "u": 2.0, "good": 0.0}
+    vector, name, _ = final_selection(state, {"bad": [-2, 2, 0, 0]}, _toy_fitness(target))
+    assert name == "search" and vector == [2, -2, 0, 0]
 
 
 def test_deterministic_under_seed_and_differs_across_seeds():

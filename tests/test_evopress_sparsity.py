@@ -159,13 +159,17 @@ def test_fragile_layer_ends_with_the_lowest_sparsity(tmp_path_factory, tmp_path,
 
 def test_uniform_seed_fitness_is_the_kl_of_magnitude_pruning_and_the_search_beats_it(tiny_dir, tmp_path, calib):
     """The seed ``uniform`` under magnitude is exactly ``--method magnitude``: its fitness must equal
-    an independent whole-model KL, and the search's final fitness may not be worse."""
+    an independent whole-model KL — on the first draw's random sequences (the reference's minibatch:
+    distinct random samples, the last cut to the exact count) and on every calibration token — and
+    the search's final fitness (on every calibration token) may not be worse."""
     from compresskit.calibration import CalibrationSpec, load_calibration
     from compresskit.models import load_model
+    from compresskit.search.fitness import draw_sequences
 
-    outcome = _prune(tiny_dir, tmp_path / "evo", calib, pruner="magnitude")
+    outcome = _prune(tiny_dir, tmp_path / "evo", calib, pruner="magnitude", options={"tokens": "32,80"})
     d = outcome.manifest.method_details
-    assert d["final_fitness"] <= d["seed_fitness"]["uniform"]
+    assert d["final_fitness"] <= d["pool_fitness"]["uniform"]
+    assert d["final_fitness"] == d["pool_fitness"][d["final_choice"]] and d["pool_tokens"] == 8 * 32
     assert d["seed_winner"] == "uniform"
 
     dense, tok = load_model(str(tiny_dir))
@@ -175,11 +179,20 @@ def test_uniform_seed_fitness_is_the_kl_of_magnitude_pruning_and_the_search_beat
             w = module.weight.data
             w.masked_fill_(matrix_mask(w.abs(), int(w.numel() * 0.5) / w.numel()), 0)
     data = load_calibration(CalibrationSpec(source=calib, nsamples=8, seqlen=32, seed=0), tok)
-    ids = data.input_ids[:4]  # the last stage: 128 tokens = 4 samples of 32
-    with torch.no_grad():
-        ref, new = dense(ids).logits[:, :-1], pruned(ids).logits[:, :-1]
-    expected = float(token_kl(ref.float(), new.float()).mean())
-    assert d["seed_fitness"]["uniform"] == pytest.approx(expected, rel=1e-4)
+
+    def kl(rows: list[tuple[int, int]]) -> float:
+        per_token = []
+        with torch.no_grad():
+            for i, length in rows:
+                ids = data.input_ids[i : i + 1, :length]
+                per_token.append(token_kl(dense(ids).logits[:, :-1].float(), pruned(ids).logits[:, :-1].float()).reshape(-1))
+        return float(torch.cat(per_token).mean())
+
+    first = draw_sequences(80, 8, 32, 0, (0, 1))  # the seeds' draw: generation 0, the last stage
+    assert sorted(length for _, length in first) == [16, 32, 32] and len({i for i, _ in first}) == 3
+    assert first != draw_sequences(80, 8, 32, 0, (1, 1))  # every generation draws afresh
+    assert d["seed_fitness"]["uniform"] == pytest.approx(kl(first), rel=1e-4)
+    assert d["pool_fitness"]["uniform"] == pytest.approx(kl([(i, 32) for i in range(8)]), rel=1e-4)
 
 
 def test_deterministic_and_database_reuse_is_bit_identical(tiny_dir, tmp_path, calib, monkeypatch):
@@ -198,7 +211,7 @@ def test_deterministic_and_database_reuse_is_bit_identical(tiny_dir, tmp_path, c
     third = _prune(tiny_dir, tmp_path / "c", calib, options={"rebuild_database": True, "seed": 1})
     c = third.manifest.method_details
     assert not c["database"]["reused"] and c["database"]["key"] == a["database"]["key"]
-    assert c["seed_fitness"] == a["seed_fitness"]
+    assert c["pool_fitness"]["uniform"] == a["pool_fitness"]["uniform"]  # the seed's KL on all tokens: same bits
 
 
 def test_resume_after_interrupt_equals_uninterrupted(tiny_dir, tmp_path, calib):
@@ -291,7 +304,10 @@ def test_top_k_fitness_is_the_references_top_k_kl(tiny_dir, tmp_path, calib):
         if isinstance(module, torch.nn.Linear) and ".layers." in name:
             w = module.weight.data
             w.masked_fill_(matrix_mask(w.abs(), int(w.numel() * 0.5) / w.numel()), 0)
-    ids = load_calibration(CalibrationSpec(source=calib, nsamples=8, seqlen=32, seed=0), tok).input_ids[:4]
+    from compresskit.search.fitness import draw_sequences
+
+    rows = draw_sequences(128, 8, 32, 0, (0, 1))  # the seeds' draw: 4 random whole samples of 32
+    ids = load_calibration(CalibrationSpec(source=calib, nsamples=8, seqlen=32, seed=0), tok).input_ids[[i for i, _ in rows]]
     with torch.no_grad():
         ref, new = dense(ids).logits[:, :-1].float(), pruned(ids).logits[:, :-1].float()
     expected = float(token_kl(top_k_logits(ref, 64), new).mean())

@@ -2,7 +2,9 @@
 
 Per-unit compression levels chosen by a measured search: an elitist (1+λ) evolution over level
 vectors (``search/evolution.py``) whose fitness is the KL divergence between the dense model's and
-the candidate's next-token distributions on calibration tokens (``search/fitness.py``).
+the candidate's next-token distributions on calibration tokens (``search/fitness.py``): a fresh
+random minibatch per selection stage and generation, as the reference; the result is the last
+parent or a seed, whichever has the lower KL on every calibration token.
 
 ``--level matrix`` (default): every targeted linear gets a sparsity level from a database of that
 matrix pruned at every level by ``--pruner`` (``search/database.py``, built by one sequential pass
@@ -322,8 +324,8 @@ def run_sparsity_search(job: PruneJob, config: EvoPressConfig) -> MethodResult:
     from ..analysis.spectra import weights_fingerprint
     from ..engine import distributed
     from ..search.database import FORMAT_VERSION, LevelDatabase
-    from ..search.evolution import evolve
-    from ..search.fitness import KLFitness
+    from ..search.evolution import evolve, final_selection
+    from ..search.fitness import KLFitness, draw_sequences
     from ..search.levels import LevelPlan, default_level_step
     from ..search.sparsity import LevelModel, build_database, list_units
     from ..search.state import save_search_state
@@ -356,7 +358,7 @@ def run_sparsity_search(job: PruneJob, config: EvoPressConfig) -> MethodResult:
     data = job.calibration_data()
     nsamples, seqlen = data.input_ids.shape
     for stage in schedule.stages:  # before the database pass, which may take long
-        KLFitness._token_plan(stage.tokens, nsamples, seqlen)
+        draw_sequences(stage.tokens, nsamples, seqlen, config.seed, (0, 0))
 
     def report(phase, done, total, label=""):
         if job.progress is not None:
@@ -398,7 +400,7 @@ def run_sparsity_search(job: PruneJob, config: EvoPressConfig) -> MethodResult:
     model = LevelModel(adapter, units, plan, db, lambda i: block_scope(job, i))
     fitness = KLFitness(adapter, model.installed, [u.block for u in units], data.input_ids, data.attention_mask,
                         [s.tokens for s in schedule.stages], device=job.device, batch_size=job.batch_size,
-                        top_k=config.top_k, progress=report)
+                        top_k=config.top_k, seed=config.seed, progress=report)
     seed_names = config.seeds()
     seed_vectors: dict[str, list[int]] = {}
     seed_settings: dict[str, dict] = {}
@@ -423,7 +425,6 @@ def run_sparsity_search(job: PruneJob, config: EvoPressConfig) -> MethodResult:
     def on_generation(s):
         if distributed.is_writer() and directory is not None:
             save_search_state(directory, state_key, s, schedule.generations)
-        fitness.set_parent(s.parent)
         report("evopress", s.generation, schedule.generations,
                f"generation {s.generation}: KL {s.parent_fitness:.4g} ({s.parent_origin})")
 
@@ -434,21 +435,21 @@ def run_sparsity_search(job: PruneJob, config: EvoPressConfig) -> MethodResult:
         if distributed.is_writer() and directory is not None:
             save_search_state(directory, state_key, state0, schedule.generations)
         state = state0
-    fitness.set_parent(state.parent)
     report("evopress", state.generation, schedule.generations, f"KL {state.parent_fitness:.4g} ({state.parent_origin})")
     final = evolve(seed_vectors, fitness, schedule, groups, low, high, config.seed, state=state,
                    on_generation=on_generation)
+    # the last parent against the seeds on every calibration token (evolution.final_selection)
+    report("evopress", schedule.generations, schedule.generations, "final comparison on all calibration tokens")
+    levels, chosen, pool_fitness = final_selection(final, seed_vectors, fitness)
     search_s = time.perf_counter() - t0
 
     # ---- the winner into the model
-    scored = {s.tokens: fitness.tokens_of(s.tokens) for s in schedule.stages}
     fitness.release()
-    model.apply(final.parent, progress=report)
+    model.apply(levels, progress=report)
     if config.delete_database and distributed.is_writer():
         db.delete()
     distributed.barrier()
 
-    levels = final.parent
     zeros = [stored[u.name][lv - plan.low[k]] for k, (u, lv) in enumerate(zip(units, levels))]
     n = adapter.num_blocks
     block_ratios = []
@@ -467,15 +468,21 @@ def run_sparsity_search(job: PruneJob, config: EvoPressConfig) -> MethodResult:
         "achieved_zeros": sum(zeros),
         "achieved_sparsity": sum(zeros) / sum(plan.numels),
         "schedule": {"name": schedule_name, "generations": schedule.generations, "offspring": schedule.offspring,
-                     "stages": [{"tokens": s.tokens, "survivors": s.survivors, "tokens_scored": scored[s.tokens]}
-                                for s in schedule.stages]},
+                     "stages": [{"tokens": s.tokens, "survivors": s.survivors, "tokens_scored": s.tokens}
+                                for s in schedule.stages],
+                     "draws": "a fresh random minibatch per stage and generation (the reference's selection)"},
         "kl": "full" if not fitness.top_k else f"top-{fitness.top_k}",
         "search_seed": config.seed,
         "seeds": seed_names,
         "seed_settings": seed_settings,
         "seed_fitness": final.seed_fitness,
         "seed_winner": final.parent_origin,
-        "final_fitness": final.parent_fitness,
+        # the result's KL on every calibration token, beside the seeds' (evolution.final_selection)
+        "final_fitness": pool_fitness[chosen],
+        "final_choice": chosen,
+        "pool_fitness": pool_fitness,
+        "pool_tokens": int(data.input_ids.numel()),
+        "last_draw_fitness": final.parent_fitness,
         "fitness_history": final.history,
         "tokens_seen": final.tokens_seen,
         "resumed_from_generation": resumed_from,

@@ -14,8 +14,9 @@ more and of any mix). ``--remove-params P``: the ``k`` whose removed parameters 
 k blocks, counted as the mean per unit) are nearest ``P`` of the decoder blocks' parameters.
 
 Fitness: the sparsity search's (``search/fitness.KLFitness``: mean per-token KL(p_dense ‖ p_candidate)
-through ``analysis.distances.token_kl``, full or the reference's top-K form, on each stage's fixed
-calibration tokens, candidates spread over torchrun ranks). A candidate is evaluated by swapping
+through ``analysis.distances.token_kl``, full or the reference's top-K form, on a fresh random
+minibatch of calibration sequences per stage and generation, candidates spread over torchrun ranks;
+the result is the last parent or a seed, whichever has the lower KL on every calibration token). A candidate is evaluated by swapping
 the removal stubs of ``depth/removal.sublayer_swaps`` into each block as it runs
 (:func:`depth_installer`), replaying cached block inputs from the first block where it differs
 from the current parent; the model is never re-loaded and never changed until the winner is
@@ -48,7 +49,7 @@ from ..engine.replay import BlockReplay, swapped
 from ..errors import InputError
 from ..methods.base import MethodResult
 from ..models.placement import onload
-from .evolution import EvolutionState, depth_schedule, evolve
+from .evolution import EvolutionState, depth_schedule, evolve, final_selection
 from .fitness import KLFitness
 
 LEVELS = ("sublayer", "block")
@@ -343,7 +344,7 @@ def run_depth_search(job, config):
             seeds = random_seeds(units, groups, high, k, seed)
         fitness = KLFitness(adapter, depth_installer(adapter, units, job.device), [u.block for u in units],
                             data.input_ids, data.attention_mask, [st.tokens for st in schedule.stages],
-                            device=job.device, batch_size=job.batch_size, top_k=top_k,
+                            device=job.device, batch_size=job.batch_size, top_k=top_k, seed=seed,
                             progress=lambda label, d, t, lab: report(label, d, t, lab))
         if state is None:  # the seeds scored, the first parent chosen, saved before generation 1
             state = evolve(seeds, fitness, schedule.with_overrides(generations=0), groups, low, high, seed)
@@ -352,21 +353,24 @@ def run_depth_search(job, config):
         resumed_from = state.generation if resume is not None else None
         parents.append({"generation": state.generation, "fitness": state.parent_fitness, "origin": state.parent_origin,
                         "genes": list(state.parent)})
-        fitness.set_parent(state.parent)
         final = evolve(seeds or {"resumed": state.parent}, fitness, schedule, groups, low, high, seed, state=state,
                        on_generation=on_generation)
+        # the last parent against the seeds on every calibration token (evolution.final_selection)
+        report("evopress", schedule.generations, schedule.generations, "final comparison on all calibration tokens")
+        genes, choice, pool_fitness = final_selection(final, seeds or {}, fitness)
+        fitness.release()
     search_s = time.perf_counter() - t0
     # the winner, installed with FinerCut's code
-    chosen = [u for u, g in zip(units, final.parent) if g]
+    chosen = [u for u, g in zip(units, genes) if g]
     for u in chosen:
         remove_sublayer(adapter, u.block, u.kind)
     done = finish_removal(job.model, adapter, level, {u.block for u in chosen})
     details = depth_details(
-        level=level, units=units, genes=final.parent, k=k, num_blocks=num_blocks, block_params=block_params,
+        level=level, units=units, genes=genes, k=k, num_blocks=num_blocks, block_params=block_params,
         model_params=model_params, removed_params=sum(u.params for u in chosen), done=done, state=final,
         schedule=schedule, seed_records=seed_records, fitness=fitness, removed_before=removed_before, remove=remove,
         remove_params=remove_params, seed=seed, calibration=data, parents=parents, seed_genes=seeds,
-        resumed_from=resumed_from,
+        resumed_from=resumed_from, choice=choice, pool_fitness=pool_fitness,
     )
     return MethodResult(
         method="evopress", config=config.model_dump(), details=details, structure=done.structure,
@@ -386,7 +390,7 @@ def seed_tokens(data, tokens: int):
 
 def depth_details(*, level, units, genes, k, num_blocks, block_params, model_params, removed_params, done, state,
                   schedule, seed_records, fitness, removed_before, remove, remove_params, seed,
-                  calibration, parents, seed_genes, resumed_from) -> dict:
+                  calibration, parents, seed_genes, resumed_from, choice, pool_fitness) -> dict:
     """The manifest's record: the genes, what went, the schedule, the fitness history, the seeds.
 
     ``per_layer`` has FinerCut's row form (one row per original block, ``attention`` / ``mlp`` set
@@ -429,12 +433,18 @@ def depth_details(*, level, units, genes, k, num_blocks, block_params, model_par
         "per_layer": rows,
         "per_layer_config": done.per_layer_config,
         "schedule": {"name": schedule.name, "generations": schedule.generations, "offspring": schedule.offspring,
-                     "stages": [{"tokens": s.tokens, "survivors": s.survivors,
-                                 "tokens_scored": fitness.tokens_of(s.tokens)} for s in schedule.stages]},
+                     "stages": [{"tokens": s.tokens, "survivors": s.survivors, "tokens_scored": s.tokens}
+                                for s in schedule.stages],
+                     "draws": "a fresh random minibatch per stage and generation (the reference's selection)"},
         "fitness": "mean per-token KL(dense ‖ candidate), last position of each sequence excluded (search/fitness.py)",
         "kl": "full" if not fitness.top_k else f"top-{fitness.top_k}",
         "seed": seed,
-        "final_fitness": state.parent_fitness,
+        # the result's KL on every calibration token, beside the seeds' (evolution.final_selection)
+        "final_fitness": pool_fitness[choice],
+        "final_choice": choice,
+        "pool_fitness": pool_fitness,
+        "pool_tokens": int(calibration.input_ids.numel()) if calibration is not None else None,
+        "last_draw_fitness": state.parent_fitness,
         "seed_fitness": state.seed_fitness,
         "seed_winner": state.parent_origin,
         "seeds": seed_records,

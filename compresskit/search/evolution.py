@@ -7,10 +7,16 @@ levels that differ by the same count of non-zeros: the parameter budget stays ex
 group per sublayer type with on/off levels: the number of removed attentions / MLPs stays exact).
 
 Selection is the reference's multi-step one: the offspring are scored on few calibration tokens,
-the best few re-scored on more, the parent joins only the last stage. The fitness is a callable
-``fitness(candidates, tokens) -> list[float]`` (lower is better), deterministic for a given token
-count, so the parent's last-stage fitness is known and not re-scored (the reference draws a fresh
-random minibatch for every stage and re-scores the parent; see docs/methods.md, EvoPress).
+the best few re-scored on more, the parent joins only the last stage and is re-scored there with
+them. The fitness is a callable ``fitness(candidates, tokens, draw=..., parent=...) -> list[float]``
+(lower is better). ``draw`` names the minibatch: ``(generation, stage)`` — the fitness draws a
+fresh random minibatch of calibration sequences for every stage of every generation, as the
+reference's ``selection`` does, reproducibly from the search seed and ``draw`` — or ``None`` for
+every calibration token (:func:`final_selection`). A fixed minibatch let the search fit its own
+sample: on SmolLM2 at 70 %, the line that won on one fixed 1,024-token sample had a higher KL on
+the whole calibration set than the AlphaPruning seed it had beaten on that sample (methods.md
+§14.3). ``parent`` is the current parent, whose block inputs the fitness may reuse. The parent's
+fitness is therefore a fresh estimate every generation, not a running minimum.
 
 The state after every generation (:class:`EvolutionState`, including the random generator's
 state) is what ``evolve(state=...)`` continues from, bit-identically to an uninterrupted run.
@@ -242,8 +248,9 @@ def _tupled(value: Any) -> Any:
     return value
 
 
-def _score(fitness, candidates: list[list[int]], tokens: int) -> list[float]:
-    values = [float(v) for v in fitness(candidates, tokens)]
+def _score(fitness, candidates: list[list[int]], tokens: int | None, draw: tuple[int, int] | None,
+           parent: list[int] | None) -> list[float]:
+    values = [float(v) for v in fitness(candidates, tokens, draw=draw, parent=parent)]
     if len(values) != len(candidates):
         raise ValueError(f"fitness returned {len(values)} values for {len(candidates)} candidates")
     return values
@@ -256,7 +263,7 @@ def _best_first(values: Sequence[float]) -> list[int]:
 
 def evolve(
     seeds: Mapping[str, list[int]],
-    fitness: Callable[[Sequence[list[int]], int], list[float]],
+    fitness: Callable[..., list[float]],
     schedule: Schedule,
     groups: Sequence[int],
     low: Sequence[int],
@@ -267,15 +274,17 @@ def evolve(
 ) -> EvolutionState:
     """Run (or continue) the search until ``schedule.generations`` generations are done.
 
-    ``seeds``: named starting vectors, all with the same per-group sums, scored on the last stage's
-    tokens; the best is the first parent and its name the origin of its line. Each generation makes
-    ``schedule.offspring`` distinct :func:`level_switch` children of the parent (never the parent
-    itself), scores them stage by stage keeping each stage's ``survivors``, and lets the last
-    stage's best replace the parent only if strictly better, so the parent's fitness never rises.
+    ``seeds``: named starting vectors, all with the same per-group sums, scored together on one
+    last-stage minibatch (draw ``(0, last stage)``); the best is the first parent and its name the
+    origin of its line. Generation g makes ``schedule.offspring`` distinct :func:`level_switch`
+    children of the parent (never the parent itself) and scores them stage by stage on draw
+    ``(g, stage)``, keeping each stage's ``survivors``; the parent joins the last stage, and that
+    stage's best (the parent itself when no child beats it on the same tokens) is the next parent.
     ``tokens_seen`` counts candidate-tokens scored (candidates x tokens, summed over fitness calls).
     ``on_generation`` gets a copy of the state after each generation; exceptions (KeyboardInterrupt
     included) propagate, and the last state handed out is the one to resume from.
     """
+    last_index = len(schedule.stages) - 1
     last_tokens = schedule.stages[-1].tokens
     if state is None:
         if not seeds:
@@ -294,7 +303,7 @@ def evolve(
                     f"seed {name!r} has per-group level sums {group_sums(vec, groups)}, "
                     f"seed {names[0]!r} has {sums}: all seeds must spend the same budget"
                 )
-        values = _score(fitness, vectors, last_tokens)
+        values = _score(fitness, vectors, last_tokens, (0, last_index), None)
         best = _best_first(values)[0]
         state = EvolutionState(
             generation=0,
@@ -314,6 +323,7 @@ def evolve(
     rng.setstate(state.rng_state)
     while state.generation < schedule.generations:
         started = time.perf_counter()
+        generation = state.generation + 1
         parent = state.parent
         offspring: list[list[int]] = []
         seen = {tuple(parent)}
@@ -332,22 +342,21 @@ def evolve(
         candidates = offspring
         values: list[float] = []
         for index, stage in enumerate(schedule.stages):
-            last = index == len(schedule.stages) - 1
-            if not candidates:
-                break
+            last = index == last_index
             if not last and stage.survivors >= len(candidates):
                 continue  # nothing to cut: save the scoring, the next stage sees the same set
-            values = _score(fitness, candidates, stage.tokens)
+            if last:
+                candidates = [*candidates, list(parent)]  # elitist: the parent competes on the same tokens
+            values = _score(fitness, candidates, stage.tokens, (generation, index), parent)
             tokens_seen += len(candidates) * stage.tokens
             order = _best_first(values)[: stage.survivors]
             candidates = [candidates[i] for i in order]
             values = [values[i] for i in order]
 
-        improved = bool(candidates) and values[0] < state.parent_fitness
-        if improved:
-            state.parent = list(candidates[0])
-            state.parent_fitness = values[0]
-        state.generation += 1
+        improved = candidates[0] != parent
+        state.parent = list(candidates[0])
+        state.parent_fitness = values[0]
+        state.generation = generation
         state.tokens_seen = tokens_seen
         state.rng_state = rng.getstate()
         state.history.append(
@@ -364,3 +373,20 @@ def evolve(
         if on_generation is not None:
             on_generation(copy.deepcopy(state))
     return state
+
+
+def final_selection(state: EvolutionState, seeds: Mapping[str, list[int]],
+                    fitness: Callable[..., list[float]]) -> tuple[list[int], str, dict[str, float]]:
+    """The search's result: the last parent, unless a seed scores lower than it on *every*
+    calibration token (``draw=None``). With fresh minibatches the parent is the winner of many noisy
+    comparisons; this one comparison on the whole calibration set keeps the promise that the result
+    is never worse, on the search's own fitness, than a heuristic it was seeded with. Returns
+    (vector, ``"search"`` or the seed's name, fitness of every compared vector by name)."""
+    names, vectors = ["search"], [list(state.parent)]
+    for name, vec in seeds.items():
+        if list(vec) not in vectors:
+            names.append(name)
+            vectors.append([int(v) for v in vec])
+    values = _score(fitness, vectors, None, None, None)
+    best = _best_first(values)[0]
+    return vectors[best], names[best], dict(zip(names, values))
