@@ -429,7 +429,7 @@ def _progress_printer():
     t0 = time.perf_counter()
 
     def show(phase: str, done: int, total: int, label: str = "") -> None:
-        if phase == "evopress" or (phase == "level database" and (done % 10 == 0 or done == total)) \
+        if phase == "evopress" or (phase in ("level database", "measure") and (done % 10 == 0 or done == total)) \
                 or (phase in ("fitness", "dense logits") and done == total):
             print(f"  [{time.perf_counter() - t0:7.0f}s] {phase} {done}/{total} {label}", flush=True)
 
