@@ -1,5 +1,5 @@
-"""Healing SmolLM2-135M after compression: held-out perplexity and local PIQA before healing, after
-CE-only, after KD and after KD with LoRA, at the same token budget for every row (issue 19).
+"""Healing compressed checkpoints: held-out perplexity and local PIQA before healing, after CE-only,
+after KD and after KD with LoRA, at the same token budget for every row (issue 19).
 
 Rows (all on CPU, float32):
 
@@ -9,17 +9,36 @@ Rows (all on CPU, float32):
   removals; 7 of the 30 blocks at ``--level block``) **replayed** from
   ``benchmarks/results/finercut_smollm2.json`` (the searches took 53 and 19 CPU-minutes there) through
   the same ``depth`` functions FinerCut's run uses (``remove_sublayer``, ``finish_removal``), saved as
-  a FinerCut checkpoint with the same ``per_layer`` record.
+  a FinerCut checkpoint with the same ``per_layer`` record;
+* ``reap25-qwen`` / ``reap25-deepseek``: ``compresskit.prune(<fixture>, "reap", remove_experts=0.25)``
+  on the MoE fixtures of ``../shared/models`` (``qwen2-moe-26m``: 20 → 15 routed experts per MoE
+  layer; ``deepseek-v2-moe-25m``: 16 → 12), SOTU calibration as above, saved in float32. These rows
+  have their own dense model (the fixture, the manifest's ``base_model`` and so the KD teacher): its
+  figures are stored in the row (``row["dense"]``) and the row's gap, table cell and plot line use
+  them. Held-out text is WikiText-2 test through the fixture's own tokenizer. (The fixtures were
+  trained on SOTU minus its last 10 addresses, so for them SOTU is in-distribution training text and
+  WikiText-2 is out-of-distribution held-out text.)
 
 Healing (``compresskit.heal.heal``, teacher = the dense model): training text = SOTU addresses
 (``--data``), held-out text = WikiText-2 test (the local copy, first ``--ppl-windows`` windows of
 ``--ppl-seqlen`` tokens): they share nothing. Every variant trains ``--steps`` × ``--batch`` ×
 ``--seqlen`` tokens with the same data order; ``ce`` and ``kd`` train what ``--train auto`` picks
 for the row's kind (Wanda / OWL: every pruned linear, masks kept; FinerCut / blocks: the blocks next
-to the removals), ``kd+lora`` trains peft LoRA adapters (rank 16, all linears) with KD and merges
-them (sparse rows: masks re-applied after the merge).
+to the removals; REAP: the remaining experts and the routers), ``kd+lora`` trains peft LoRA adapters
+(rank 16, peft's ``all-linear``: every ``nn.Linear`` but the head) with KD and merges them (sparse
+rows: masks re-applied after the merge). On the MoE fixtures that is not the same set: on
+``qwen2-moe-26m`` the attention projections, the dense MLP of layer 0, the shared experts and the
+shared-expert gate (its router is not an ``nn.Linear`` and its fused 3-D routed experts are not
+linears: neither gets an adapter); on ``deepseek-v2-moe-25m`` peft 0.21 maps the MLP names of
+``all-linear`` (``gate_proj`` / ``up_proj`` / ``down_proj``) to ``target_parameters`` of this
+architecture's fused experts, so the attention projections, the routers (``mlp.gate``) and the
+fused routed-expert tensors (``gate_up_proj`` / ``down_proj``, peft's ``ParamWrapper``) are adapted
+but the dense MLP of layer 0 and the shared experts are not (the row records ``lora_adapted``).
 
     nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/heal.py            # writes results/heal_smollm2.{json,png}
+    nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/heal.py \
+        --rows wanda70,owl70,finercut25,block25,reap25-qwen,reap25-deepseek --steps 32 --batch 2 --seqlen 256 \
+        --eval-every 8 --piqa-limit 100 --out benchmarks/results/heal_equal_budget.json
 
 Results are written after every variant; a rerun skips what the JSON already holds (``--fresh`` to
 redo).
@@ -39,6 +58,8 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 MODEL = "smollm2-135m"
 ROWS = ("finercut25", "block25", "wanda70", "owl70")
+#: rows with their own dense model: row -> MoE fixture under ../shared/models (REAP, 25 % of the routed experts)
+FIXTURE_ROWS = {"reap25-qwen": "qwen2-moe-26m", "reap25-deepseek": "deepseek-v2-moe-25m"}
 VARIANTS = ("ce", "kd", "kd+lora")
 
 
@@ -46,6 +67,12 @@ def shared_data() -> Path:
     from compresskit.paths import shared_data_dir
 
     return shared_data_dir()
+
+
+def fixture_path(row: str) -> Path:
+    from compresskit.paths import shared_models_dir
+
+    return shared_models_dir() / FIXTURE_ROWS[row]
 
 
 # --------------------------------------------------------------------------- compressed checkpoints
@@ -62,6 +89,9 @@ def make_checkpoint(row: str, work: Path, args) -> Path:
         compresskit.prune(MODEL, "wanda", sparsity=0.7, **common)
     elif row == "owl70":
         compresskit.prune(MODEL, "owl", sparsity=0.7, pruner="wanda", method_options={"owl_m": 5, "owl_lambda": 0.08},
+                          **common)
+    elif row in FIXTURE_ROWS:  # float32 like the other rows (the fixtures are stored in bf16)
+        compresskit.prune(str(fixture_path(row)), "reap", method_options={"remove_experts": 0.25}, dtype="float32",
                           **common)
     else:
         replay_finercut(row, out)
@@ -136,13 +166,23 @@ def piqa_direct(model, tok, limit: int, device) -> float:
     return correct / len(items)
 
 
-def evaluate_model(model, tok, ids, args) -> dict:
+def moby_tail_ids(tok):
+    """The REAP rows' second held-out text: the last 5 % of Moby Dick, which the fixtures never saw
+    (they were trained on Moby Dick minus it) and the SOTU healing text does not contain — in the
+    fixtures' own distribution, unlike WikiText-2."""
+    moby = (shared_data() / "corpora" / "moby_dick.txt").read_text()
+    return tok(moby[int(len(moby) * 0.95):], return_tensors="pt").input_ids
+
+
+def evaluate_model(model, tok, ids, args, moby: bool = False) -> dict:
     from compresskit.evaluation.perplexity import windowed_perplexity
 
     model.eval().to(args.device)
     t0 = time.perf_counter()
     with torch.no_grad():
         ppl = windowed_perplexity(model, ids, args.ppl_seqlen, device=args.device, max_windows=args.ppl_windows)["value"]
+        moby_ppl = (windowed_perplexity(model, moby_tail_ids(tok), args.ppl_seqlen, device=args.device,
+                                        max_windows=args.ppl_windows)["value"] if moby else None)
     acc = None
     if args.piqa_limit > 0:
         try:
@@ -157,7 +197,25 @@ def evaluate_model(model, tok, ids, args) -> dict:
                               limit=args.piqa_limit, batch_size=8, device=args.device)
             acc = next(iter(result.tasks.values())).metric_value("acc")
     model.to("cpu")
-    return {"ppl": ppl, "piqa": acc, "eval_s": round(time.perf_counter() - t0, 1)}
+    return {"ppl": ppl, "piqa": acc, **({"moby_tail_ppl": moby_ppl} if moby else {}),
+            "eval_s": round(time.perf_counter() - t0, 1)}
+
+
+def evaluate_dense(source: str, args) -> dict:
+    """The dense model's table figures (``--ppl-seqlen`` windows) and its curve line (the training
+    seqlen's windows, as the healing curve measures)."""
+    from compresskit.evaluation.perplexity import perplexity_tokens, windowed_perplexity
+    from compresskit.models import load_model
+
+    dense, tok = load_model(source, dtype="float32", device=args.device)
+    out = evaluate_model(dense, tok, heldout_ids(tok, args), args, moby=source != MODEL)
+    curve_ids, _ = perplexity_tokens(tok, "wikitext2", args.seqlen)
+    with torch.no_grad():
+        out["curve_ppl"] = windowed_perplexity(dense.to(args.device), curve_ids, args.seqlen,
+                                               device=args.device, max_windows=args.ppl_windows)["value"]
+    out["params"] = sum(p.numel() for p in dense.parameters())
+    del dense
+    return out
 
 
 # --------------------------------------------------------------------------- healing
@@ -182,13 +240,31 @@ def heal_variant(ckpt: Path, variant: str, work: Path, args) -> tuple[dict, obje
                       for e in d["evals"]],
             "first_loss": outcome.losses[0], "last_loss": outcome.losses[-1],
             "sparsity_kept": d["sparsity_kept"], "lora": (d["lora"] or {}).get("merge")}
+    if d["lora"]:  # what peft adapted, by module name with the block index dropped
+        import re
+        from collections import Counter
+
+        kinds = Counter(re.sub(r"\.\d+\.", ".N.", name) for name in d["lora"]["adapted_modules"])
+        info["lora_adapted"] = {"modules": len(d["lora"]["adapted_modules"]), "by_name": dict(sorted(kinds.items()))}
     return info, outcome.model, outcome.tokenizer
 
 
 # --------------------------------------------------------------------------- report
-def gap_recovered(dense: float, before: float, after: float) -> float:
-    """Share of the log-perplexity gap closed: (log b − log a) / (log b − log d)."""
+def gap_recovered(dense: float, before: float, after: float) -> float | None:
+    """Share of the log-perplexity gap closed: (log b − log a) / (log b − log d); None when the
+    compressed model is not worse than the dense one (there is no gap to close)."""
+    if before <= dense:
+        return None
     return (math.log(before) - math.log(after)) / (math.log(before) - math.log(dense))
+
+
+def pct(x: float | None) -> str:
+    return "no gap" if x is None else f"{x:.0%}"
+
+
+def row_dense(result: dict, row: dict) -> dict:
+    """The row's own dense figures (REAP rows: the fixture) or the shared dense model's."""
+    return row.get("dense") or result["dense"]
 
 
 def table(result: dict) -> str:
@@ -197,18 +273,52 @@ def table(result: dict) -> str:
              f"({result['settings']['steps']} steps × {result['settings']['batch']} × {result['settings']['seqlen']}); "
              f"held-out: WikiText-2 test, {result['settings']['ppl_windows']} × {result['settings']['ppl_seqlen']} tokens; "
              f"PIQA: first {result['settings']['piqa_limit']} items",
-             f"dense: ppl {dense['ppl']:.2f} · PIQA {dense['piqa']}", "",
-             "| row | before ppl / PIQA | CE ppl / PIQA | KD ppl / PIQA | KD+LoRA ppl / PIQA | KD gap recovered | KD beats CE |",
-             "|---|---|---|---|---|---:|---|"]
+             f"dense {result['model']}: ppl {dense['ppl']:.2f} · PIQA {dense['piqa']}"]
     for name, row in result["rows"].items():
-        cells = []
-        for key in ("before", "ce", "kd", "kd+lora"):
-            r = row.get(key)
-            cells.append("-" if r is None else f"{r['ppl']:.2f} / {r['piqa'] if r['piqa'] is not None else '-'}")
-        kd, ce, before = row.get("kd"), row.get("ce"), row.get("before")
-        rec = f"{gap_recovered(dense['ppl'], before['ppl'], kd['ppl']):.0%}" if kd and before else "-"
+        if row.get("dense"):
+            lines.append(f"dense {row.get('model', name)} (row {name}): ppl {row['dense']['ppl']:.2f} · PIQA {row['dense']['piqa']}")
+    lines += ["", "| row | dense ppl / PIQA | before ppl / PIQA | CE ppl / PIQA | KD ppl / PIQA | KD+LoRA ppl / PIQA "
+              "| KD gap recovered | KD+LoRA gap recovered | KD beats CE |",
+              "|---|---|---|---|---|---|---:|---:|---|"]
+
+    def cell(r):
+        return "-" if r is None else f"{r['ppl']:.2f} / {r['piqa'] if r['piqa'] is not None else '-'}"
+
+    for name, row in result["rows"].items():
+        d = row_dense(result, row)
+        cells = [cell(row.get(key)) for key in ("before", "ce", "kd", "kd+lora")]
+        kd, ce, before, lora = row.get("kd"), row.get("ce"), row.get("before"), row.get("kd+lora")
+        rec = pct(gap_recovered(d['ppl'], before['ppl'], kd['ppl'])) if kd and before else "-"
+        rec_lora = pct(gap_recovered(d['ppl'], before['ppl'], lora['ppl'])) if lora and before else "-"
         beats = ("yes" if kd["ppl"] < ce["ppl"] else "no") if kd and ce else "-"
-        lines.append(f"| {name} | {' | '.join(cells)} | {rec} | {beats} |")
+        lines.append(f"| {name} | {cell(d)} | {' | '.join(cells)} | {rec} | {rec_lora} | {beats} |")
+    moby_rows = {n: r for n, r in result["rows"].items() if (r.get("dense") or {}).get("moby_tail_ppl")}
+    if moby_rows:
+        lines += ["", "second held-out text of the MoE rows: last 5 % of Moby Dick (in the fixtures' distribution, "
+                  "never trained on), same windows", "",
+                  "| row | dense | before | CE | KD | KD+LoRA | KD gap recovered | KD beats CE |", "|---|---|---|---|---|---|---:|---|"]
+        for name, row in moby_rows.items():
+            m = {k: (row.get(k) or {}).get("moby_tail_ppl") for k in ("dense", "before", "ce", "kd", "kd+lora")}
+            rec = pct(gap_recovered(m["dense"], m["before"], m["kd"])) if m["kd"] and m["before"] else "-"
+            beats = ("yes" if m["kd"] < m["ce"] else "no") if m["kd"] and m["ce"] else "-"
+            lines.append(f"| {name} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in m.values())
+                         + f" | {rec} | {beats} |")
+    lines += ["", "| row | variant | trains | trainable params | s / step | wall s | sparsity kept |",
+              "|---|---|---|---:|---:|---:|---|"]
+    for name, row in result["rows"].items():
+        for variant in VARIANTS:
+            info = row.get(variant)
+            if not info:
+                if row.get(f"{variant}_error"):
+                    lines.append(f"| {name} | {variant} | error: {row[f'{variant}_error']} | | | | |")
+                continue
+            trains = " + ".join(info["trained"])
+            if info.get("lora_adapted"):
+                trains += f" ({info['lora_adapted']['modules']} modules)"
+            kept = info["sparsity_kept"]
+            kept = "-" if kept is None else f"{kept['unchanged_per_tensor']} ({kept['tensors']} tensors)"
+            lines.append(f"| {name} | {variant} | {trains} | {info['trainable_params']:,} | "
+                         f"{info['seconds_per_step']:.2f} | {info['wall_s']:.0f} | {kept} |")
     return "\n".join(lines)
 
 
@@ -219,21 +329,27 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["rows"] if any(v in result["rows"][r] for v in VARIANTS)]
-    fig, axes = plt.subplots(1, max(1, len(rows)), figsize=(4.2 * max(1, len(rows)), 3.6), squeeze=False)
-    for ax, name in zip(axes[0], rows):
+    ncols = min(3, max(1, len(rows)))
+    nrows = max(1, math.ceil(len(rows) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(rows):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, rows):
         for variant, style in zip(VARIANTS, ("-o", "-s", "-^")):
             info = result["rows"][name].get(variant)
             if not info:
                 continue
             pts = [p for p in info["curve"] if not p.get("after")]
             ax.plot([p["train_tokens"] / 1000 for p in pts], [p["ppl"] for p in pts], style, label=variant, markersize=4)
-        ax.axhline(result["dense"]["curve_ppl"], color="k", linestyle="--", linewidth=1, label="dense")
+        ax.axhline(row_dense(result, result["rows"][name])["curve_ppl"], color="k", linestyle="--", linewidth=1,
+                   label="dense")
         ax.set_yscale("log")
-        ax.set_title(name)
+        ax.set_title(name if name not in FIXTURE_ROWS else f"{name} ({FIXTURE_ROWS[name]})")
         ax.set_xlabel("training tokens (thousands)")
         ax.set_ylabel("held-out ppl (WikiText-2)")
         ax.legend(fontsize=8)
-    fig.suptitle("SmolLM2-135M: healing curve (held-out perplexity against training tokens)")
+    models = [MODEL] + [FIXTURE_ROWS[r] for r in rows if r in FIXTURE_ROWS]
+    fig.suptitle(f"{', '.join(models)}: healing curve (held-out WikiText-2 perplexity against training tokens)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -282,24 +398,18 @@ def main() -> None:
             plot(result, args.out.with_suffix(".png"))
 
     t_start = time.perf_counter()
-    from compresskit.evaluation.perplexity import windowed_perplexity
-    from compresskit.models import load_model
-
     if "dense" not in result:
-        dense, tok = load_model(MODEL, dtype="float32", device=args.device)
-        ids = heldout_ids(tok, args)
-        result["dense"] = evaluate_model(dense, tok, ids, args)
-        curve_ids, _ = __import__("compresskit.evaluation.perplexity", fromlist=["x"]).perplexity_tokens(tok, "wikitext2", args.seqlen)
-        with torch.no_grad():
-            result["dense"]["curve_ppl"] = windowed_perplexity(dense.to(args.device), curve_ids, args.seqlen,
-                                                               device=args.device, max_windows=args.ppl_windows)["value"]
-        del dense
+        result["dense"] = evaluate_dense(MODEL, args)
         save()
         print(f"dense: {result['dense']}", flush=True)
-    import compresskit
 
     for row in [r for r in args.rows.split(",") if r]:
         rec = result["rows"].setdefault(row, {})
+        if row in FIXTURE_ROWS and "dense" not in rec:
+            rec["model"] = FIXTURE_ROWS[row]
+            rec["dense"] = evaluate_dense(str(fixture_path(row)), args)
+            save()
+            print(f"{row} dense ({rec['model']}): {rec['dense']}", flush=True)
         try:
             ckpt = make_checkpoint(row, args.work, args)
         except Exception as exc:  # noqa: BLE001 - one broken row must not lose the others
@@ -310,7 +420,7 @@ def main() -> None:
             from compresskit.checkpoint import load_with_tokenizer
 
             model, tok = load_with_tokenizer(ckpt)
-            rec["before"] = evaluate_model(model.float(), tok, heldout_ids(tok, args), args)
+            rec["before"] = evaluate_model(model.float(), tok, heldout_ids(tok, args), args, moby=row in FIXTURE_ROWS)
             del model
             save()
             print(f"{row} before: {rec['before']}", flush=True)
@@ -326,7 +436,7 @@ def main() -> None:
                 traceback.print_exc()
                 rec[f"{variant}_error"] = f"{type(exc).__name__}: {exc}"
                 continue
-            info.update(evaluate_model(model.float(), tok, heldout_ids(tok, args), args))
+            info.update(evaluate_model(model.float(), tok, heldout_ids(tok, args), args, moby=row in FIXTURE_ROWS))
             info["wall_s"] = round(time.perf_counter() - t0, 1)
             rec[variant] = info
             del model
