@@ -2,8 +2,13 @@
 
 The adapters are peft's (``LoraConfig`` + ``get_peft_model``), on every ``nn.Linear`` of the
 model except the output head (peft's ``all-linear``: attention and MLP projections, low-rank
-factors U / V, routers, shared experts) or on the modules ``--lora-targets`` names. Fused 3-D
-expert tensors (transformers ≥ 5 MoE layers) are not linears and get no adapter.
+factors U / V, routers, shared experts) or on the modules ``--lora-targets`` names. What
+``all-linear`` covers in an MoE model is peft's choice and differs by family (peft 0.21): on
+qwen2_moe the fused 3-D routed experts (transformers ≥ 5) are not linears and get no adapter,
+while on deepseek_v2 peft maps the MLP names to the fused expert tensors (its ``ParamWrapper``),
+so the routed experts and routers get adapters and the dense layer-0 MLP and the shared experts
+get none. The manifest lists the adapted modules (``method_details.lora.adapted_modules``);
+``--lora-targets`` names them explicitly.
 
 Saved two ways:
 
