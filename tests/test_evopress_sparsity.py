@@ -261,7 +261,10 @@ def test_sparsegpt_database_of_a_float32_model_stores_bfloat16_values_unless_ask
     runs = {}
     for choice in ("auto", "model"):
         outcome = _prune(tiny_dir, tmp_path / choice, calib, pruner="sparsegpt",
-                         options={"delete_database": True, "database_dtype": choice, "generations": 0})
+                         # dense inputs: both runs' statistics are then the same (with uniform inputs the
+                         # bfloat16 base levels feed the next blocks, so later Hessians differ by design)
+                         options={"delete_database": True, "database_dtype": choice, "generations": 0,
+                                  "database_inputs": "dense"})
         d = outcome.manifest.method_details
         assert d["achieved_zeros"] == d["target_zeros"] == outcome.manifest.sparsity["decoder_linear_zeros"]
         runs[choice] = (d, _weights(tmp_path / choice))
@@ -277,6 +280,32 @@ def test_sparsegpt_database_of_a_float32_model_stores_bfloat16_values_unless_ask
         assert torch.equal(a == 0, f == 0)                             # the same masks (uniform seed: same levels)
         assert torch.equal(a, f.to(torch.bfloat16).float())            # = float32 SparseGPT, rounded once
     assert not all(torch.equal(full_w[f"{n}.weight"], full_w[f"{n}.weight"].to(torch.bfloat16).float()) for n in names)
+
+
+@pytest.mark.parametrize("pruner", ["wanda", "sparsegpt"])
+def test_the_database_follows_the_uniform_path_so_its_uniform_vector_is_the_shipped_pruning(tiny_dir, tmp_path, calib,
+                                                                                           pruner):
+    """--database-inputs uniform (default): block i's statistics see the model whose earlier blocks
+    are at the base level, as sequential Wanda / SparseGPT prune, so the uniform seed's weights are
+    exactly ``--method wanda`` / ``sparsegpt``'s; the reference's dense inputs give other weights."""
+    shipped = _weights_of(api.prune(str(tiny_dir), pruner, sparsity=0.5, calib=calib, out=tmp_path / "ref", **RUN))
+    runs = {}
+    for inputs in ("uniform", "dense"):
+        outcome = _prune(tiny_dir, tmp_path / inputs, calib, pruner=pruner,
+                         options={"generations": 0, "database_inputs": inputs, "delete_database": True,
+                                  "database_dtype": "model"})
+        assert outcome.manifest.method_details["database"]["inputs"] == inputs
+        runs[inputs] = _weights(tmp_path / inputs)
+    linears = [k for k in shipped if ".layers." in k and k.endswith("proj.weight")]
+    assert len(linears) == 14
+    assert all(torch.equal(runs["uniform"][k], shipped[k]) for k in linears)
+    first = [k for k in linears if ".layers.0." in k]  # block 0 sees the same (embedding) inputs either way
+    assert all(torch.equal(runs["dense"][k], shipped[k]) for k in first)
+    assert not all(torch.equal(runs["dense"][k], shipped[k]) for k in linears if k not in first)
+
+
+def _weights_of(outcome) -> dict[str, torch.Tensor]:
+    return _weights(Path(outcome.out))
 
 
 def test_moe_experts_search_with_the_exact_budget(tiny_model_dir, tmp_path, calib):

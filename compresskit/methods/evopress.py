@@ -101,6 +101,13 @@ class EvoPressConfig(RemovalTargetConfig):
                     "half the disk of a float32 model (bfloat16 rounding of the updated weights, which the search then "
                     "scores and the output holds); auto: the model's when it is 16-bit, else bfloat16.",
     )
+    database_inputs: Literal["uniform", "dense"] = Field(
+        "uniform", json_schema_extra={"flag": "--database-inputs"},
+        description="evopress, --level matrix: the activations the level database's statistics see. uniform: "
+                    "those of the model whose earlier blocks are at --sparsity (sequential, as --method wanda / "
+                    "sparsegpt prune, so the uniform seed is exactly their result); dense: the dense model's "
+                    "(the reference's database).",
+    )
     rebuild_database: bool = Field(
         False, json_schema_extra={"flag": "--rebuild-database"},
         description="evopress: delete and rebuild the level database (~/.cache/compresskit/evopress/<key>/).",
@@ -378,6 +385,8 @@ def run_sparsity_search(job: PruneJob, config: EvoPressConfig) -> MethodResult:
            "calibration": None if job.pruner == "magnitude" else {**job.calibration.to_dict(), "hash": data.hash}}
     if values_dtype is not None:  # (absent otherwise: the keys of databases stored in the model's dtype stay as they were)
         key["values_dtype"] = values_dtype
+    if job.pruner != "magnitude" and config.database_inputs == "uniform":  # (absent: the dense-input key as before)
+        key["inputs"] = "uniform"
     db = LevelDatabase(key)
     if config.rebuild_database and distributed.is_writer():
         db.delete()
@@ -387,8 +396,8 @@ def run_sparsity_search(job: PruneJob, config: EvoPressConfig) -> MethodResult:
     fallback: list[str] = []
     if not reused:
         meta = build_database(db, plan, units, job.pruner, job.pruner_options, lambda i: block_scope(job, i),
-                              lambda reduce, needs: collect_block_statistics(job, reduce, needs),
-                              write=distributed.is_writer(), progress=report)
+                              lambda reduce, needs, propagate: collect_block_statistics(job, reduce, needs, propagate),
+                              write=distributed.is_writer(), inputs=config.database_inputs, progress=report)
         fallback = list(meta.get("magnitude_fallback", []))
         distributed.barrier()
         if not db.complete:
@@ -488,7 +497,8 @@ def run_sparsity_search(job: PruneJob, config: EvoPressConfig) -> MethodResult:
         "resumed_from_generation": resumed_from,
         "database": {"key": db.digest, "path": str(db.path), "bytes": db.meta.get("bytes"), "reused": reused,
                      "build_s": db.meta.get("build_s"), "kind": db.kind, "deleted": bool(config.delete_database),
-                     "values_dtype": values_dtype or (dtype if db.kind == "weights" else None)},
+                     "values_dtype": values_dtype or (dtype if db.kind == "weights" else None),
+                     "inputs": "dense" if job.pruner == "magnitude" else config.database_inputs},
         "magnitude_fallback": fallback,
         "block_runs": fitness.block_runs,
     }

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Callable
 
 import torch
@@ -215,12 +215,16 @@ def prune_blocks(
 
 
 def collect_block_statistics(
-    job: PruneJob, reduce: Callable[[int, dict[str, nn.Linear], dict[str, torch.Tensor]], object], needs: str = "sq_norm"
+    job: PruneJob, reduce: Callable[[int, dict[str, nn.Linear], dict[str, torch.Tensor]], object], needs: str = "sq_norm",
+    propagate: Callable[[int, dict[str, nn.Linear]], AbstractContextManager] | None = None,
 ) -> list:
-    """A measuring pass over the *dense* model: per block, ``reduce(i, linears, stats)`` → value.
+    """A measuring pass: per block, ``reduce(i, linears, stats)`` → value.
 
-    Used by OWL's first pass (Wanda statistics → outlier ratio per block). Nothing is modified,
-    so each block's outputs from the statistics forward are reused as the next block's inputs.
+    Used by OWL's first pass (Wanda statistics → outlier ratio per block) and EvoPress's level
+    database. Nothing is modified: without ``propagate`` each block's outputs from the statistics
+    forward (the dense model's) are the next block's inputs; with it, the block is run again inside
+    ``propagate(i, linears)`` (a context that swaps weights in and puts the same Parameters back)
+    and those outputs go on, so later blocks see the inputs of the model ``propagate`` describes.
     """
     calib = job.calibration_data()
     factory = _stat_factory(needs)
@@ -232,6 +236,9 @@ def collect_block_statistics(
         collector.all_reduce()
         stats = {k: s.value() for k, s in collector.stats.items() if collector.samples[k] > 0}
         values.append(reduce(ctx.index, linears, stats))
+        if propagate is not None:
+            with propagate(ctx.index, linears):
+                ctx.forward()
         return False
 
     def report(done: int, total: int, label: str) -> None:

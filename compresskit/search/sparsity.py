@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..engine import distributed
 from ..pruning import PRUNERS, Pattern, wanda_scores
 from .database import LevelDatabase, level_codes, top_up
 from .levels import LevelPlan
@@ -130,13 +131,37 @@ def _unit_sparsegpt(db: LevelDatabase, unit: Unit, zeros: list[int], weight: tor
 
 
 def build_database(db: LevelDatabase, plan: LevelPlan, units: Sequence[Unit], pruner: str, pruner_options: dict,
-                   block_scope: BlockScope, measure, *, write: bool = True, progress=None) -> dict:
+                   block_scope: BlockScope, measure, *, write: bool = True, inputs: str = "uniform",
+                   progress=None) -> dict:
     """Prune every unit at every level of ``plan`` with ``pruner`` and store it (module docstring of
     ``search.database``). Units already on disk (an interrupted build) are not solved again.
-    ``write=False`` (torchrun ranks other than 0) takes part in the pass's collectives only."""
+    ``write=False`` (torchrun ranks other than 0) takes part in the pass's collectives only.
+
+    ``inputs``: what the statistics of block i see. ``dense`` — the dense model's activations, as
+    the reference's database (``FastOBCPruner`` prunes copies, so its blocks stay dense); ``uniform``
+    — the activations of the model whose earlier blocks sit at their base level (every matrix at
+    ``--sparsity``), as sequential Wanda / SparseGPT prune, so the database's uniform vector *is*
+    the shipped uniform pruning and every seed starts where its heuristic stands."""
     t0 = time.perf_counter()
     index = {(u.block, u.local): k for k, u in enumerate(units)}
     fallback: list[str] = []
+
+    @contextmanager
+    def base_levels(i: int, linears: dict[str, nn.Linear]):
+        """Block ``i``'s linears at their base level (read back from the database), the same
+        Parameters put back afterwards."""
+        distributed.barrier()  # rank 0 has written block i's levels
+        originals: dict[str, nn.Parameter] = {}
+        try:
+            for local, module in linears.items():
+                k = index[(i, local)]
+                tensor = db.weight(units[k].block_name, local, -plan.low[k], module.weight.detach())
+                originals[local] = module.weight
+                module.weight = nn.Parameter(tensor, requires_grad=False)
+            yield
+        finally:
+            for local, weight in originals.items():
+                linears[local].weight = weight
 
     def handle(i: int, linears: dict[str, nn.Linear], stats: dict) -> None:
         if not write:
@@ -162,7 +187,8 @@ def build_database(db: LevelDatabase, plan: LevelPlan, units: Sequence[Unit], pr
             if progress is not None:
                 progress("level database", step + 1, n, f"block {i}")
     else:
-        measure(lambda i, linears, stats: handle(i, linears, stats), "hessian" if pruner == "sparsegpt" else "sq_norm")
+        measure(lambda i, linears, stats: handle(i, linears, stats), "hessian" if pruner == "sparsegpt" else "sq_norm",
+                base_levels if inputs == "uniform" else None)
     if not write:
         return {}
     records = []
