@@ -387,3 +387,23 @@ def test_all_three_heuristic_seeds_join_with_their_exact_budget_and_the_search_i
     assert d["achieved_zeros"] == d["target_zeros"] == outcome.manifest.sparsity["decoder_linear_zeros"]
     eps = d["seed_settings"]["alphapruning"]
     assert 0.0 <= eps["alpha_epsilon"] <= 0.3 and eps["alpha_epsilon_lowered"] == (eps["alpha_epsilon"] < 0.3)
+
+
+def test_seed_options_reach_the_seeds_and_zero_spread_gives_the_uniform_vector(tiny_dir, tmp_path, calib):
+    """``--owl-lambda`` / ``--owl-m`` / ``--alpha-epsilon`` set the owl and alphapruning seeds as they set
+    those methods. A zero spread (λ = 0, ε = 0) makes both allocations uniform, so the three seeds are
+    the same vector and score exactly the same KL; the settings are recorded."""
+    outcome = api.prune(str(tiny_dir), "evopress", sparsity=0.6, pruner="wanda", calib=calib, out=tmp_path / "flat",
+                        method_options={**FAST, "generations": 1, "seed_from": "uniform,owl,alphapruning",
+                                        "owl_lambda": 0.0, "owl_m": 3.0, "alpha_epsilon": 0.0}, **RUN)
+    d = outcome.manifest.method_details
+    assert d["seed_settings"]["owl"] == {"owl_m": 3.0, "owl_lambda": 0.0}
+    assert d["seed_settings"]["alphapruning"] == {"alpha_epsilon": 0.0, "alpha_epsilon_lowered": False}
+    assert len(set(d["seed_fitness"].values())) == 1, d["seed_fitness"]
+    spread = api.prune(str(tiny_dir), "evopress", sparsity=0.6, pruner="wanda", calib=calib, out=tmp_path / "spread",
+                       method_options={**FAST, "generations": 1, "seed_from": "uniform,owl,alphapruning",
+                                       "owl_lambda": 0.2, "alpha_epsilon": 0.3}, **RUN).manifest.method_details
+    assert spread["seed_settings"]["owl"] == {"owl_m": 5.0, "owl_lambda": 0.2}
+    assert spread["seed_fitness"]["uniform"] == d["seed_fitness"]["uniform"]
+    assert spread["seed_fitness"]["owl"] != spread["seed_fitness"]["uniform"]
+    assert spread["seed_fitness"]["alphapruning"] != spread["seed_fitness"]["uniform"]

@@ -60,6 +60,19 @@ class EvoPressConfig(RemovalTargetConfig):
                     "uniform, owl, alphapruning (--level matrix; default uniform, the reference's start) or "
                     "finercut, block-greedy (--level sublayer|block).",
     )
+    owl_m: float | None = Field(
+        None, gt=0, json_schema_extra={"flag": "--owl-m"},
+        description="M of the owl seed (default: --method owl's, 5).",
+    )
+    owl_lambda: float | None = Field(
+        None, ge=0, json_schema_extra={"flag": "--owl-lambda"},
+        description="λ of the owl seed (default: --method owl's, 0.08).",
+    )
+    alpha_epsilon: float | None = Field(
+        None, ge=0, lt=1, json_schema_extra={"flag": "--alpha-epsilon"},
+        description="ε of the alphapruning seed (default: --method alphapruning's, 0.3; lowered to "
+                    "the largest feasible one when some block would reach a ratio >= 1).",
+    )
     schedule: Literal["auto", "fast", "paper"] = Field(
         "auto", json_schema_extra={"flag": "--schedule"},
         description="evopress: paper (the reference's scripts: 400 generations, 64 offspring, survivors 8-2-1 on "
@@ -131,6 +144,11 @@ class EvoPressConfig(RemovalTargetConfig):
             if name not in allowed:
                 raise ValueError(f"unknown --seed-from {name!r} for --level {self.level}; choose from: "
                                  f"{', '.join(allowed)}")
+        for value, flag, seed in ((self.owl_m, "--owl-m", "owl"), (self.owl_lambda, "--owl-lambda", "owl"),
+                                  (self.alpha_epsilon, "--alpha-epsilon", "alphapruning")):
+            if value is not None and seed not in names:
+                raise ValueError(f"{flag} sets the {seed} seed of --method evopress; add {seed} to --seed-from "
+                                 f"(--level matrix)")
         if self.level == "matrix":
             for value, flag in ((self.remove, "--remove"), (self.remove_params, "--remove-params"), (self.keep, "--keep")):
                 if value is not None:
@@ -273,20 +291,26 @@ def block_scope(job: PruneJob, i: int):
 
 
 # ---------------------------------------------------------------------------------------- sparsity
-def _owl_ratios(job: PruneJob, units, sparsity: float) -> list[float]:
-    """OWL's block sparsities (M = 5, λ = 0.08, its method's defaults) for every unit of the block."""
+#: OWL's defaults (its method's --owl-m, --owl-lambda), the seed's unless evopress is given its own
+OWL_SEED_M, OWL_SEED_LAMBDA = 5.0, 0.08
+
+
+def _owl_ratios(job: PruneJob, units, sparsity: float, m: float = OWL_SEED_M,
+                lam: float = OWL_SEED_LAMBDA) -> list[float]:
+    """OWL's block sparsities (outlier ratio at M, spread λ; its method's defaults 5 and 0.08) for
+    every unit of the block."""
     from ..allocation.owl import allocate_owl, block_outlier_ratio
     from .sparsify import collect_block_statistics
 
     def reduce(i, linears, stats):
         names = [k for k in linears if k in stats]
-        return block_outlier_ratio([linears[k].weight for k in names], [stats[k] for k in names], 5.0) if names else None
+        return block_outlier_ratio([linears[k].weight for k in names], [stats[k] for k in names], m) if names else None
 
     D = collect_block_statistics(job, reduce, needs="sq_norm")
     blocks = sorted({u.block for u in units})
     sizes = {b: sum(u.numel for u in units if u.block == b) for b in blocks}
     active = [b for b in blocks if D[b] is not None]
-    alloc = dict(zip(active, allocate_owl([D[b] for b in active], sparsity, 0.08, [sizes[b] for b in active])))
+    alloc = dict(zip(active, allocate_owl([D[b] for b in active], sparsity, lam, [sizes[b] for b in active])))
     return [alloc.get(u.block, sparsity) for u in units]
 
 
@@ -294,11 +318,12 @@ def _owl_ratios(job: PruneJob, units, sparsity: float) -> list[float]:
 ALPHA_SEED_EPSILON = 0.3
 
 
-def _alpha_ratios(job: PruneJob, units, sparsity: float) -> tuple[list[float], float]:
-    """AlphaPruning's per-matrix sparsities (alpha_peak, block_wise, ε = 0.3: its method's defaults)
-    and the ε used. At high sparsity ε = 0.3 can ask a block for a ratio ≥ 1 (SmolLM2-135M at 70 %:
+def _alpha_ratios(job: PruneJob, units, sparsity: float,
+                  epsilon: float = ALPHA_SEED_EPSILON) -> tuple[list[float], float]:
+    """AlphaPruning's per-matrix sparsities (alpha_peak, block_wise, ε: its method's defaults unless
+    ``--alpha-epsilon`` is given) and the ε used. At high sparsity ε = 0.3 can ask a block for a ratio ≥ 1 (SmolLM2-135M at 70 %:
     range 0.55..1.02), which ``--method alphapruning`` refuses; as a seed the allocation then uses
-    the largest ε ≤ 0.3 whose ratios stay in [0, 1) (bisection, 1e-4), recorded in the manifest."""
+    the largest ε' ≤ ε whose ratios stay in [0, 1) (bisection, 1e-4), recorded in the manifest."""
     from ..allocation.alpha import esd_metric, feasible_alpha_allocation
     from ..analysis.spectra import model_singular_values, weights_fingerprint
     from .sparsify import onloaded_weights
@@ -307,7 +332,7 @@ def _alpha_ratios(job: PruneJob, units, sparsity: float) -> tuple[list[float], f
     sigma = model_singular_values(onloaded_weights(job), cache_key=key, device=job.device, progress=job.progress is None)
     alphas = [esd_metric(sigma[u.name].double() ** 2, "alpha_peak") for u in units]
     return feasible_alpha_allocation(alphas, [u.block for u in units], [u.numel for u in units], sparsity,
-                                     ALPHA_SEED_EPSILON)
+                                     epsilon)
 
 
 def _schedule(config: EvoPressConfig, name: str):
@@ -417,12 +442,16 @@ def run_sparsity_search(job: PruneJob, config: EvoPressConfig) -> MethodResult:
         if name == "uniform":
             seed_vectors[name] = [0] * len(units)
         elif name == "owl":
-            seed_vectors[name] = plan.from_ratios(_owl_ratios(job, units, sparsity))
+            m = OWL_SEED_M if config.owl_m is None else config.owl_m
+            lam = OWL_SEED_LAMBDA if config.owl_lambda is None else config.owl_lambda
+            seed_vectors[name] = plan.from_ratios(_owl_ratios(job, units, sparsity, m, lam))
+            seed_settings[name] = {"owl_m": m, "owl_lambda": lam}
         else:
-            ratios, alpha_epsilon = _alpha_ratios(job, units, sparsity)
+            asked = ALPHA_SEED_EPSILON if config.alpha_epsilon is None else config.alpha_epsilon
+            ratios, alpha_epsilon = _alpha_ratios(job, units, sparsity, asked)
             seed_vectors[name] = plan.from_ratios(ratios)
             seed_settings[name] = {"alpha_epsilon": round(alpha_epsilon, 4),
-                                   "alpha_epsilon_lowered": alpha_epsilon < ALPHA_SEED_EPSILON}
+                                   "alpha_epsilon_lowered": alpha_epsilon < asked}
     directory = _state_dir(job)
     state_key = {"database": db.digest, "seeds": seed_names, "seed_levels": {k: v for k, v in seed_vectors.items()},
                  "search_seed": config.seed, "offspring": schedule.offspring,
