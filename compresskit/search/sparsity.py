@@ -59,6 +59,23 @@ def list_units(adapter, linears_of: Callable[[int], AbstractContextManager[dict[
     return units
 
 
+@contextmanager
+def swapped_weights(linears: dict[str, nn.Linear], tensor_of: Callable[[str, torch.Tensor], torch.Tensor]):
+    """Every linear's weight replaced by ``tensor_of(local, dense weight)`` (frozen) inside the
+    context; the very same Parameters are put back afterwards, so a lazily loaded block goes back
+    to its source unchanged."""
+    originals: dict[str, nn.Parameter] = {}
+    try:
+        for local, module in linears.items():
+            tensor = tensor_of(local, module.weight.detach())
+            originals[local] = module.weight
+            module.weight = nn.Parameter(tensor, requires_grad=False)
+        yield
+    finally:
+        for local, weight in originals.items():
+            linears[local].weight = weight
+
+
 class LevelModel:
     """The model at any level vector, through the database (see the module docstring)."""
 
@@ -78,17 +95,12 @@ class LevelModel:
             if levels is None:
                 yield block
                 return
-            originals: dict[str, nn.Parameter] = {}
-            try:
-                for local, module in linears.items():
-                    unit = self.unit_of[(i, local)]
-                    tensor = self._tensor(unit, levels[unit], module.weight.detach())
-                    originals[local] = module.weight
-                    module.weight = nn.Parameter(tensor, requires_grad=False)
+            def tensor_of(local: str, dense: torch.Tensor) -> torch.Tensor:
+                unit = self.unit_of[(i, local)]
+                return self._tensor(unit, levels[unit], dense)
+
+            with swapped_weights(linears, tensor_of):
                 yield block
-            finally:
-                for local, weight in originals.items():
-                    linears[local].weight = weight
 
     @torch.no_grad()
     def apply(self, levels: Sequence[int], progress=None) -> None:
@@ -151,17 +163,13 @@ def build_database(db: LevelDatabase, plan: LevelPlan, units: Sequence[Unit], pr
         """Block ``i``'s linears at their base level (read back from the database), the same
         Parameters put back afterwards."""
         distributed.barrier()  # rank 0 has written block i's levels
-        originals: dict[str, nn.Parameter] = {}
-        try:
-            for local, module in linears.items():
-                k = index[(i, local)]
-                tensor = db.weight(units[k].block_name, local, -plan.low[k], module.weight.detach())
-                originals[local] = module.weight
-                module.weight = nn.Parameter(tensor, requires_grad=False)
+
+        def tensor_of(local: str, dense: torch.Tensor) -> torch.Tensor:
+            k = index[(i, local)]
+            return db.weight(units[k].block_name, local, -plan.low[k], dense)
+
+        with swapped_weights(linears, tensor_of):
             yield
-        finally:
-            for local, weight in originals.items():
-                linears[local].weight = weight
 
     def handle(i: int, linears: dict[str, nn.Linear], stats: dict) -> None:
         if not write:
