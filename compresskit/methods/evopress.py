@@ -30,6 +30,8 @@ from pydantic import Field, field_validator, model_validator
 
 from ..errors import InputError
 from .base import MethodResult, PruneJob, register
+from .alphapruning import AlphaConfig
+from .owl import OWLConfig
 from .removal_target import RemovalTargetConfig
 
 SPARSITY_SEEDS = ("uniform", "owl", "alphapruning")
@@ -292,7 +294,7 @@ def block_scope(job: PruneJob, i: int):
 
 # ---------------------------------------------------------------------------------------- sparsity
 #: OWL's defaults (its method's --owl-m, --owl-lambda), the seed's unless evopress is given its own
-OWL_SEED_M, OWL_SEED_LAMBDA = 5.0, 0.08
+OWL_SEED_M, OWL_SEED_LAMBDA = OWLConfig.model_fields["owl_m"].default, OWLConfig.model_fields["owl_lambda"].default
 
 
 def _owl_ratios(job: PruneJob, units, sparsity: float, m: float = OWL_SEED_M,
@@ -315,7 +317,7 @@ def _owl_ratios(job: PruneJob, units, sparsity: float, m: float = OWL_SEED_M,
 
 
 #: AlphaPruning's default ε (its method's --alpha-epsilon); the seed lowers it only when it is infeasible
-ALPHA_SEED_EPSILON = 0.3
+ALPHA_SEED_EPSILON = AlphaConfig.model_fields["alpha_epsilon"].default
 
 
 def _alpha_ratios(job: PruneJob, units, sparsity: float,
