@@ -9,7 +9,10 @@ keeps what it measured and a rerun skips the rows already there):
   whose parameters are nearest those 7 blocks' (18 sublayers, 13 attention + 5 MLP), block
   greedy its first 7 blocks. Rows: dense, FinerCut, block greedy, EvoPress ``--level sublayer``,
   EvoPress ``--level block``; then held-out ppl of the sublayer search's successive parents
-  against their fitness (how ppl tracks the KL) and a fitness-per-generation plot.
+  against their fitness (how ppl tracks the KL) and a fitness-per-generation plot. Last, every row
+  and tracked parent is scored on all calibration tokens with the full KL (``pool_kl``; the
+  search's own fitness is a fresh minibatch's estimate per generation, and top-K once the
+  calibration's full logits pass 1 GiB), so the rows compare on the search's objective too.
 * ``shape7b`` — on CUDA: the dead-sublayer check, then the depth search's paper schedule for
   ``--generations`` generations at Llama-2-7B's shape with random bf16 weights (time per
   generation, projected paper-schedule time, peak GPU memory; not quality).
@@ -24,7 +27,11 @@ keeps what it measured and a rerun skips the rows already there):
   and so no PIQA (its reused ppl stays beside, ``reused_ppl``, as a cross-check). The plot
   (``<out>.png``): best fitness per generation, and held-out ppl against fitness per row (heuristic
   rows at the KL their allocation got as a seed). Two processes never share an ``--out``: give each
-  its own and join them with ``--merge-from``.
+  its own and join them with ``--merge-from``. ``--sp-calib wikitext2-tail`` is an in-domain
+  diagnostic, not the protocol: calibration from WikiText-2 test after the held-out windows
+  (disjoint passages of one corpus), to tell a search that fits its calibration text from one
+  whose ranking does not carry to another genre; ``--seed-alpha-epsilon`` gives the seeded rows'
+  AlphaPruning seed the AlphaPruning row's ε.
 
 Protocol. Calibration: State of the Union addresses (``corpora/sotu.jsonl``); held-out: WikiText-2
 test (the perplexity module's protocol: non-overlapping windows of ``--eval-seqlen``, the first
@@ -61,6 +68,8 @@ from pathlib import Path
 import torch
 
 import compresskit
+from compresskit.calibration.loader import load_calibration
+from compresskit.calibration.spec import CalibrationSpec
 from compresskit.depth.blocks import delete_blocks
 from compresskit.depth.removal import remove_sublayer
 from compresskit.evaluation.perplexity import perplexity_tokens, windowed_perplexity
@@ -316,8 +325,51 @@ def run_depth(args) -> dict:
                       "origin": p.get("origin"), "same_as_row": same_as})
         rows.put(rows.get("evopress sublayer"))
         print("parent at generation", p["generation"], "KL", p["fitness"], "ppl", value, flush=True)
+    # every row and tracked parent on all calibration tokens: the fitness of each draw is a fresh
+    # minibatch's estimate, so only this one compares allocations (what the final selection uses)
+    todo = [(r["label"], r) for r in rows.data["rows"] if r["label"] != "dense" and "pool_kl" not in r]
+    todo += [(f"parent {t['generation']}", t) for t in track if "pool_kl" not in t and t.get("same_as_row") is None]
+    if todo and (not args.eval_rows or "pool" in args.eval_rows.split(",")):
+        kinds = {label: (kind, payload) for label, kind, payload in plan}
+        models = {}
+        for label, target in todo:
+            if label.startswith("parent "):
+                models[label] = build("genes", (d["units"], next(p for p in parents if
+                                                                 f"parent {p['generation']}" == label)["genes"]))
+            else:
+                models[label] = build(*kinds[label])
+        calib = load_calibration(CalibrationSpec(source=f"file:{sotu}", format="prefix", nsamples=args.nsamples,
+                                                 seqlen=args.seqlen), tok)
+        t0 = time.perf_counter()
+        kls = pool_kl(model, models, calib.input_ids)
+        for label, target in todo:
+            target["pool_kl"] = kls[label]
+        for t in track:  # parents that are rows take the row's value
+            if t.get("same_as_row") and rows.get(t["same_as_row"]) and "pool_kl" in rows.get(t["same_as_row"]):
+                t["pool_kl"] = rows.get(t["same_as_row"])["pool_kl"]
+        rows.data["pool_kl_tokens"] = int(calib.input_ids.shape[0] * (calib.input_ids.shape[1] - 1))
+        rows.put(rows.get("evopress sublayer") or rows.data["rows"][-1])
+        print("pool KL", {k: round(v, 4) for k, v in kls.items()}, round(time.perf_counter() - t0, 1), "s", flush=True)
+        del models
     plot_history(rows.data, (args.out or RESULTS / "evopress_depth.json").with_suffix(".png"))
     return rows.data
+
+
+@torch.no_grad()
+def pool_kl(dense, models: dict, input_ids: torch.Tensor) -> dict[str, float]:
+    """Mean per-token KL(dense ‖ model) over every calibration sequence, the last position of each
+    excluded: the search's fitness (search/fitness.py, float64 KL) on all of its tokens."""
+    from compresskit.analysis.distances import token_kl
+
+    totals = {k: 0.0 for k in models}
+    count = 0
+    for row in input_ids:
+        x = row[None]
+        ref = dense(x).logits[0, :-1].float()
+        for label, m in models.items():
+            totals[label] += float(token_kl(ref, m(x).logits[0, :-1].float()).sum())
+        count += ref.shape[0]
+    return {k: v / count for k, v in totals.items()}
 
 
 def plot_history(data: dict, path: Path, points: list[dict] | None = None) -> None:
@@ -336,17 +388,24 @@ def plot_history(data: dict, path: Path, points: list[dict] | None = None) -> No
         if hist:
             ax.plot([h["generation"] for h in hist], [h["best_fitness"] for h in hist], marker="o", ms=2, label=r["label"])
     ax.set_xlabel("generation")
-    ax.set_ylabel("KL to the dense model (last stage)")
+    ax.set_ylabel("KL to the dense model (last stage's minibatch)")
     ax.set_yscale("log")
     if ax.get_lines():
         ax.legend(fontsize=6)
     ax.set_title("fitness per generation", fontsize=9)
     track = sorted(data.get("tracking", []), key=lambda t: t["generation"])
     if track:
-        ax2.plot([t["fitness"] for t in track], [t["ppl"] for t in track], marker="o")
+        pooled = all("pool_kl" in t for t in track)
+        key = "pool_kl" if pooled else "fitness"
+        ax2.plot([t[key] for t in track], [t["ppl"] for t in track], marker="o", label="sublayer search's parents")
         for t in track:
-            ax2.annotate(str(t["generation"]), (t["fitness"], t["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax2.set_xlabel("search fitness (KL, calibration)")
+            ax2.annotate(str(t["generation"]), (t[key], t["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if pooled:  # the rows on the same scale
+            for i, r in enumerate(x for x in data["rows"] if "pool_kl" in x and "ppl" in x):
+                ax2.scatter(r["pool_kl"], r["ppl"], marker="s^v*D"[i % 5], s=36, label=r["label"], zorder=3)
+            ax2.legend(fontsize=6)
+        ax2.set_xlabel("full KL to the dense model on all calibration tokens" if pooled
+                       else "search fitness (KL on that generation's minibatch)")
         ax2.set_ylabel("held-out WikiText-2 ppl")
         ax2.set_title("held-out ppl of successive parents (label: generation)", fontsize=9)
     elif points:
@@ -484,6 +543,25 @@ def _pair_plan(plan: list[dict], reuse: dict, reprune: bool) -> list[tuple[str, 
     return out
 
 
+def wikitext2_tail(tok, eval_seqlen: int, eval_windows: int) -> tuple[Path, dict]:
+    """The in-domain diagnostic's calibration text (``--sp-calib wikitext2-tail``): WikiText-2 test
+    from the first line break after the last character the held-out windows read (the first
+    ``eval_windows × eval_seqlen`` tokens), so calibration and held-out text are disjoint passages of
+    one corpus. Not the protocol (the papers calibrate on other text than they evaluate on): it tells
+    whether the search's ranking carries to WikiText-2 when its fitness sees the same kind of text."""
+    from compresskit.evaluation.perplexity import _wikitext2_text
+
+    text, info = _wikitext2_text()
+    enc = tok(text, return_offsets_mapping=True)
+    last = eval_windows * eval_seqlen - 1
+    end = enc["offset_mapping"][last][1]
+    start = text.index("\n", end) + 1
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"compresskit-bench-wikitext2-tail-{eval_windows}x{eval_seqlen}.txt"
+    path.write_text(text[start:])
+    return path, {**info, "held_out_chars": end, "calib_from_char": start, "calib_chars": len(text) - start,
+                  "calib_tokens": len(enc["input_ids"]) - len(tok(text[:start]).input_ids)}
+
+
 def run_sparsity(args) -> dict:
     sotu = shared_data_dir() / "corpora" / "sotu.jsonl"
     options = {k: v for k, v in {"schedule": args.schedule, "generations": args.generations, "offspring": args.offspring,
@@ -491,13 +569,23 @@ def run_sparsity(args) -> dict:
                if v is not None}
     settings = {"suite": "sparsity", "model": MODEL, "calib": "sotu.jsonl", "calib_format": "window",
                 "nsamples": args.sp_nsamples, "seqlen": args.sp_seqlen, "evopress": options, "dtype": args.sp_dtype}
+    if args.sp_calib == "wikitext2-tail":
+        _, tok0 = fresh(args.sp_dtype)
+        sotu, calib_info = wikitext2_tail(tok0, args.eval_seqlen, args.eval_windows)
+        settings.update(calib="wikitext2-tail", calib_info=calib_info)
+    if args.seed_alpha_epsilon is not None:
+        settings["seed_alpha_epsilon"] = args.seed_alpha_epsilon
     evaluation = {"eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows, "piqa_limit": args.piqa_limit}
     out_path = args.out or RESULTS / "evopress_sparsity.json"
     rows = Rows(out_path, settings, evaluation)
     if args.merge_from:
         merge_rows(rows, [Path(p) for p in args.merge_from.split(",")])
     plan = sparsity_configs([float(s) for s in args.sparsities.split(",")], args.pruners.split(","), options)
-    reuse = reusable_allocation_rows(args)
+    if args.seed_alpha_epsilon is not None:  # the seeded rows' AlphaPruning seed at the row's ε
+        for cfg in plan:
+            if "alphapruning" in cfg.get("options", {}).get("seed_from", ""):
+                cfg["options"] = {**cfg["options"], "alpha_epsilon": args.seed_alpha_epsilon}
+    reuse = reusable_allocation_rows(args) if args.sp_calib == "sotu" else {}
     reprune = args.reprune_heuristics == "always" or (args.reprune_heuristics == "auto" and args.piqa_limit > 0)
     todo = []
     for stage, cfg in _pair_plan(plan, reuse, reprune):
@@ -681,19 +769,23 @@ def run_shape(args) -> dict:
 def table(data: dict) -> str:
     s = data["settings"]
     lines = [f"suite {s['suite']}: {json.dumps(s)}", f"evaluation: {json.dumps(data.get('evaluation'))}", "",
-             "| row | removed / allocation | params | WikiText-2 ppl | PIQA | search s | peak RSS MB | KL (search) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| row | removed / allocation | params | WikiText-2 ppl | PIQA | search s | peak RSS MB | KL (search) | "
+             "full KL, all calibration |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         what = " ".join(r.get("removed", [])) if r.get("removed") else (
             f"sparsity {r['measured_sparsity']:.4f}" if r.get("measured_sparsity") is not None else "-")
         search = r.get("search_s", r.get("prune_s"))
         lines.append(f"| {r['label']} | {what} | {r.get('params', 0):,} | {r.get('ppl', float('nan')):.2f} | "
                      f"{'-' if r.get('piqa') is None else format(r['piqa'], '.3f')} | {search if search is not None else '-'} | "
-                     f"{r.get('peak_rss_mb', '-')} | {'-' if r.get('final_fitness') is None else format(r['final_fitness'], '.4g')} |")
+                     f"{r.get('peak_rss_mb', '-')} | {'-' if r.get('final_fitness') is None else format(r['final_fitness'], '.4g')} | "
+                     f"{'-' if r.get('pool_kl') is None else format(r['pool_kl'], '.4f')} |")
     if data.get("tracking"):
-        lines += ["", "sublayer search, successive parents: generation, KL, held-out ppl"]
+        lines += ["", "sublayer search, successive parents: generation, KL on that generation's minibatch, "
+                      "full KL on all calibration tokens, held-out ppl"]
         for t in sorted(data["tracking"], key=lambda t: t["generation"]):
-            lines.append(f"  {t['generation']:4d}  {t['fitness']:.4g}  {t['ppl']:.2f}")
+            pool = "-" if t.get("pool_kl") is None else format(t["pool_kl"], ".4f")
+            lines.append(f"  {t['generation']:4d}  {t['fitness']:.4g}  {pool}  {t['ppl']:.2f}")
     return "\n".join(lines)
 
 
@@ -704,6 +796,12 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=128, help="depth: calibration sample length")
     ap.add_argument("--sp-nsamples", type=int, default=32, help="sparsity: calibration windows")
     ap.add_argument("--sp-seqlen", type=int, default=512, help="sparsity: window length")
+    ap.add_argument("--sp-calib", choices=["sotu", "wikitext2-tail"], default="sotu",
+                    help="sparsity: calibration text; wikitext2-tail is an in-domain diagnostic, not the protocol "
+                         "(WikiText-2 test after the held-out windows)")
+    ap.add_argument("--seed-alpha-epsilon", type=float, default=None,
+                    help="sparsity: the seeded rows' AlphaPruning seed ε (default: the method's, the largest "
+                         "feasible <= 0.3; the AlphaPruning row uses 0.2)")
     ap.add_argument("--sp-dtype", default="bfloat16", help="sparsity: model dtype (sparsity_smollm2.py's)")
     ap.add_argument("--sparsities", default="0.7")
     ap.add_argument("--pruners", default="wanda")
