@@ -180,7 +180,33 @@ def evaluate_row(row: dict, model, tok, ids, args) -> dict:
     row.update(ppl=ppl["value"], eval_windows=ppl["n_windows"], eval_tokens=ppl["tokens"], eval_seqlen=args.eval_seqlen,
                piqa=piqa(model, tok, args.piqa_limit), params=sum(p.numel() for p in model.parameters()),
                eval_s=round(time.perf_counter() - t0, 1))
+    if getattr(args, "heldout_kl", False):
+        row["heldout_kl"] = heldout_kl(model, ids, args)
     return row
+
+
+_DENSE: dict = {}
+
+
+@torch.no_grad()
+def heldout_kl(model, ids: torch.Tensor, args) -> float:
+    """Full KL(dense ‖ model) per token on the held-out windows (``--heldout-kl``): the search's
+    objective on text it never saw, so a row's held-out ppl can be told from its held-out KL (does
+    a lower calibration KL carry to new text as KL, and does KL follow perplexity?)."""
+    from compresskit.analysis.distances import token_kl
+
+    dtype = getattr(args, "sp_dtype", "float32") if args.suite == "sparsity" else "float32"
+    if dtype not in _DENSE:
+        _DENSE[dtype] = fresh(dtype)[0].float()
+    dense, total, count = _DENSE[dtype], 0.0, 0
+    n = min(ids.shape[1] // args.eval_seqlen, args.eval_windows)
+    for w in range(n):
+        x = ids[:, w * args.eval_seqlen:(w + 1) * args.eval_seqlen]
+        a, b = dense(x).logits[0, :-1].float(), model(x).logits[0, :-1].float()
+        for start in range(0, a.shape[0], 256):  # the float64 KL a chunk at a time
+            kl = token_kl(a[start:start + 256], b[start:start + 256])
+            total, count = total + float(kl.sum()), count + kl.numel()
+    return total / count
 
 
 # ---------------------------------------------------------------------------------------------- depth
@@ -367,7 +393,8 @@ def pool_kl(dense, models: dict, input_ids: torch.Tensor) -> dict[str, float]:
         x = row[None]
         ref = dense(x).logits[0, :-1].float()
         for label, m in models.items():
-            totals[label] += float(token_kl(ref, m(x).logits[0, :-1].float()).sum())
+            new = m(x).logits[0, :-1].float()
+            totals[label] += sum(float(token_kl(ref[i:i + 256], new[i:i + 256]).sum()) for i in range(0, ref.shape[0], 256))
         count += ref.shape[0]
     return {k: v / count for k, v in totals.items()}
 
@@ -680,7 +707,7 @@ def sparsity_table(data: dict) -> str:
     s = data["settings"]
     lines = [f"suite {s['suite']}: {json.dumps(s)}", f"evaluation: {json.dumps(data.get('evaluation'))}", "",
              "| row | ppl | reused ppl | PIQA | prune/search s | gens × s/gen | DB MB | DB build s (reused) | "
-             "peak RSS MB | final KL | seed KL | winner |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak RSS MB | final KL | seed KL | winner | held-out KL |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
@@ -693,7 +720,8 @@ def sparsity_table(data: dict) -> str:
         lines.append(f"| {r['label']} | {f(r.get('ppl'), '.2f')}{' (reused)' if r.get('reused_from') else ''} | "
                      f"{f(r.get('reused_ppl'), '.2f')} | {f(r.get('piqa'), '.3f')} | "
                      f"{r.get('search_s', r.get('prune_s'))} | {gens} | {db} | {dbs} | {r.get('peak_rss_mb', '-')} | "
-                     f"{f(r.get('final_fitness'), '.4f')} | {seeds or '-'} | {r.get('seed_winner') or '-'} |")
+                     f"{f(r.get('final_fitness'), '.4f')} | {seeds or '-'} | {r.get('seed_winner') or '-'} | "
+                     f"{f(r.get('heldout_kl'), '.4f')} |")
     return "\n".join(lines)
 
 
@@ -799,6 +827,8 @@ def main() -> None:
     ap.add_argument("--sp-calib", choices=["sotu", "wikitext2-tail"], default="sotu",
                     help="sparsity: calibration text; wikitext2-tail is an in-domain diagnostic, not the protocol "
                          "(WikiText-2 test after the held-out windows)")
+    ap.add_argument("--heldout-kl", action="store_true",
+                    help="also the full KL to the dense model on the held-out windows, per row (heldout_kl)")
     ap.add_argument("--seed-alpha-epsilon", type=float, default=None,
                     help="sparsity: the seeded rows' AlphaPruning seed ε (default: the method's, the largest "
                          "feasible <= 0.3; the AlphaPruning row uses 0.2)")
