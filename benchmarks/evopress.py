@@ -193,20 +193,12 @@ def heldout_kl(model, ids: torch.Tensor, args) -> float:
     """Full KL(dense ‖ model) per token on the held-out windows (``--heldout-kl``): the search's
     objective on text it never saw, so a row's held-out ppl can be told from its held-out KL (does
     a lower calibration KL carry to new text as KL, and does KL follow perplexity?)."""
-    from compresskit.analysis.distances import token_kl
-
     dtype = getattr(args, "sp_dtype", "float32") if args.suite == "sparsity" else "float32"
     if dtype not in _DENSE:
         _DENSE[dtype] = fresh(dtype)[0].float()
-    dense, total, count = _DENSE[dtype], 0.0, 0
     n = min(ids.shape[1] // args.eval_seqlen, args.eval_windows)
-    for w in range(n):
-        x = ids[:, w * args.eval_seqlen:(w + 1) * args.eval_seqlen]
-        a, b = dense(x).logits[0, :-1].float(), model(x).logits[0, :-1].float()
-        for start in range(0, a.shape[0], 256):  # the float64 KL a chunk at a time
-            kl = token_kl(a[start:start + 256], b[start:start + 256])
-            total, count = total + float(kl.sum()), count + kl.numel()
-    return total / count
+    windows = ids[0, :n * args.eval_seqlen].reshape(n, args.eval_seqlen)
+    return pool_kl(_DENSE[dtype], {"row": model}, windows)["row"]
 
 
 # ---------------------------------------------------------------------------------------------- depth
@@ -383,8 +375,10 @@ def run_depth(args) -> dict:
 
 @torch.no_grad()
 def pool_kl(dense, models: dict, input_ids: torch.Tensor) -> dict[str, float]:
-    """Mean per-token KL(dense ‖ model) over every calibration sequence, the last position of each
-    excluded: the search's fitness (search/fitness.py, float64 KL) on all of its tokens."""
+    """Mean per-token KL(dense ‖ model) over every sequence of ``input_ids`` [n, L], the last position
+    of each excluded: the search's fitness (search/fitness.py, float64 KL, full vocabulary) on all
+    calibration tokens (depth's ``pool_kl``) or on the held-out windows (``heldout_kl``); the float64
+    KL runs 256 positions at a time."""
     from compresskit.analysis.distances import token_kl
 
     totals = {k: 0.0 for k in models}
