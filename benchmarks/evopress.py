@@ -349,13 +349,9 @@ def run_depth(args) -> dict:
     todo += [(f"parent {t['generation']}", t) for t in track if "pool_kl" not in t and t.get("same_as_row") is None]
     if todo and (not args.eval_rows or "pool" in args.eval_rows.split(",")):
         kinds = {label: (kind, payload) for label, kind, payload in plan}
-        models = {}
-        for label, target in todo:
-            if label.startswith("parent "):
-                models[label] = build("genes", (d["units"], next(p for p in parents if
-                                                                 f"parent {p['generation']}" == label)["genes"]))
-            else:
-                models[label] = build(*kinds[label])
+        genes_at = {f"parent {p['generation']}": p["genes"] for p in parents}
+        models = {label: build("genes", (d["units"], genes_at[label])) if label in genes_at else build(*kinds[label])
+                  for label, _ in todo}
         calib = load_calibration(CalibrationSpec(source=f"file:{sotu}", format="prefix", nsamples=args.nsamples,
                                                  seqlen=args.seqlen), tok)
         t0 = time.perf_counter()
@@ -580,19 +576,20 @@ def wikitext2_tail(tok, eval_seqlen: int, eval_windows: int) -> tuple[Path, dict
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"compresskit-bench-wikitext2-tail-{eval_windows}x{eval_seqlen}.txt"
     path.write_text(text[start:])
     return path, {**info, "held_out_chars": end, "calib_from_char": start, "calib_chars": len(text) - start,
-                  "calib_tokens": len(enc["input_ids"]) - len(tok(text[:start]).input_ids)}
+                  "calib_tokens": sum(1 for first, _ in enc["offset_mapping"] if first >= start)}
 
 
 def run_sparsity(args) -> dict:
-    sotu = shared_data_dir() / "corpora" / "sotu.jsonl"
+    calib_path = shared_data_dir() / "corpora" / "sotu.jsonl"
     options = {k: v for k, v in {"schedule": args.schedule, "generations": args.generations, "offspring": args.offspring,
                                  "tokens": args.tokens, "survivors": args.survivors, "seed": args.search_seed}.items()
                if v is not None}
     settings = {"suite": "sparsity", "model": MODEL, "calib": "sotu.jsonl", "calib_format": "window",
                 "nsamples": args.sp_nsamples, "seqlen": args.sp_seqlen, "evopress": options, "dtype": args.sp_dtype}
+    tok = ids = None
     if args.sp_calib == "wikitext2-tail":
-        _, tok0 = fresh(args.sp_dtype)
-        sotu, calib_info = wikitext2_tail(tok0, args.eval_seqlen, args.eval_windows)
+        _, tok = fresh(args.sp_dtype)
+        calib_path, calib_info = wikitext2_tail(tok, args.eval_seqlen, args.eval_windows)
         settings.update(calib="wikitext2-tail", calib_info=calib_info)
     if args.seed_alpha_epsilon is not None:
         settings["seed_alpha_epsilon"] = args.seed_alpha_epsilon
@@ -618,9 +615,9 @@ def run_sparsity(args) -> dict:
         if stage != "prune" and row is not None and "ppl" in row:
             continue
         todo.append((stage, cfg))
-    tok = ids = None
     if any(stage != "reuse" for stage, _ in todo):
-        _, tok = fresh(args.sp_dtype)
+        if tok is None:
+            _, tok = fresh(args.sp_dtype)
         ids, info = perplexity_tokens(tok, "wikitext2", args.eval_seqlen)
         rows.data["wikitext2"] = info
     for stage, cfg in todo:
@@ -632,7 +629,7 @@ def run_sparsity(args) -> dict:
         reset_peak_rss()
         t0 = time.perf_counter()
         out = compresskit.prune(MODEL, cfg["method"], pruner=cfg["pruner"], sparsity=cfg["sparsity"],
-                                calib=f"file:{sotu}", nsamples=args.sp_nsamples, seqlen=args.sp_seqlen, seed=0,
+                                calib=f"file:{calib_path}", nsamples=args.sp_nsamples, seqlen=args.sp_seqlen, seed=0,
                                 device="cpu", dtype=args.sp_dtype, method_options=cfg.get("options"),
                                 progress=_progress_printer())
         m = out.manifest
