@@ -573,8 +573,12 @@ def wikitext2_tail(tok, eval_seqlen: int, eval_windows: int) -> tuple[Path, dict
     last = eval_windows * eval_seqlen - 1
     end = enc["offset_mapping"][last][1]
     start = text.index("\n", end) + 1
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"compresskit-bench-wikitext2-tail-{eval_windows}x{eval_seqlen}.txt"
-    path.write_text(text[start:])
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix=f"compresskit-bench-wikitext2-tail-{eval_windows}x{eval_seqlen}-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:  # a new file of our own: nothing of anyone else's is overwritten
+        f.write(text[start:])
+    path = Path(name)
     return path, {**info, "held_out_chars": end, "calib_from_char": start, "calib_chars": len(text) - start,
                   "calib_tokens": sum(1 for first, _ in enc["offset_mapping"] if first >= start)}
 
